@@ -1,0 +1,48 @@
+"""Throughput accounting: a matmul roofline measured on the spot, and MFU."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cnn.model import TRAIN_FLOPS_PER_IMAGE
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
+    """Achieved GFLOP/s of a large square matmul on this process's threads / device.
+
+    The compute roofline that MFU is measured against: measured, not a data-sheet
+    figure, so it reflects this machine's clocks and thread settings.
+    """
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b  # warm-up
+    sync(device)
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if iters % 4 == 0:
+            sync(device)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= seconds:
+                return 2 * n**3 * iters / elapsed / 1e9
+
+
+def throughput(images: int, seconds: float, peak_gflops: float) -> dict[str, float]:
+    """images/s, achieved GFLOP/s (forward + backward) and its share of the roofline."""
+    ips = images / seconds if seconds > 0 else 0.0
+    gflops = ips * TRAIN_FLOPS_PER_IMAGE / 1e9
+    return {
+        "images_per_sec": ips,
+        "gflops": gflops,
+        "mfu": gflops / peak_gflops if peak_gflops > 0 else 0.0,
+    }

@@ -1,0 +1,1 @@
+"""MNIST: acquisition (mnist.py), offline preparation (prepare.py), device-resident sharding (sharding.py)."""

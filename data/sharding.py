@@ -1,0 +1,76 @@
+"""Device-resident MNIST, one normalization, and rank-aware sharding.
+
+Every function here takes ``rank`` and ``world_size`` as arguments, so sharding
+is tested without a process group.
+
+Training order follows ``DistributedSampler`` (it produces the indices): every
+epoch one permutation seeded by (seed, epoch), shared by all ranks; rank r takes
+every world_size-th index starting at r.  Step s of an epoch then uses exactly
+the global positions [s*B, (s+1)*B) of that permutation, whatever the world
+size, because rank r's j-th image of step s sits at position (s*b + j)*W + r.
+So a global batch holds the same images at every world size (B = global batch,
+b = B / W per rank), and the incomplete last global batch of an epoch is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+MEAN, STD = 0.1307, 0.3081  # of the MNIST training pixels, on the 0..1 scale
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 N x 28 x 28 (0..255) -> float32 N x 1 x 28 x 28, zero mean, unit std.
+
+    Training and evaluation both go through here, so they cannot drift apart.
+    """
+    return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
+
+
+@dataclass
+class DeviceDataset:
+    """Normalized images and labels living on the training device."""
+
+    images: torch.Tensor  # float32 N x 1 x 28 x 28
+    labels: torch.Tensor  # int64 N
+
+    @classmethod
+    def from_uint8(cls, images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool = False):
+        x = normalize(images.to(device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return cls(x, labels.to(device))
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+
+def steps_per_epoch(num_samples: int, global_batch: int) -> int:
+    """Full global batches per epoch (the remainder is dropped, different images each epoch)."""
+    return num_samples // global_batch
+
+
+def epoch_indices(num_samples: int, rank: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
+    """This rank's share of epoch `epoch`'s permutation, in the order it is consumed."""
+    sampler = DistributedSampler(
+        range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+    )
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler), dtype=torch.long)
+
+
+def batch_indices(share: torch.Tensor, step_in_epoch: int, per_rank_batch: int) -> torch.Tensor:
+    """The rank's indices for one step: a slice of its share of the epoch."""
+    start = step_in_epoch * per_rank_batch
+    return share[start : start + per_rank_batch]
+
+
+def eval_shard(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
+    """[start, stop) of the test set evaluated by this rank: contiguous, no padding.
+
+    The shards cover every test image exactly once, for any world size.
+    """
+    return num_samples * rank // world_size, num_samples * (rank + 1) // world_size
