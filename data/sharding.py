@@ -54,9 +54,13 @@ def steps_per_epoch(num_samples: int, global_batch: int) -> int:
 
 
 def epoch_indices(num_samples: int, rank: int, world_size: int, seed: int, epoch: int) -> torch.Tensor:
-    """This rank's share of epoch `epoch`'s permutation, in the order it is consumed."""
+    """This rank's share of epoch `epoch`'s permutation, in the order it is consumed.
+
+    drop_last=True: the shares are disjoint (no padding duplicates); the at most
+    world_size - 1 images left over lie past the last full global batch anyway.
+    """
     sampler = DistributedSampler(
-        range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
+        range(num_samples), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
     )
     sampler.set_epoch(epoch)
     return torch.tensor(list(sampler), dtype=torch.long)

@@ -1,0 +1,60 @@
+"""Shared fixtures: the verified MNIST folder and a launcher for real training runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data import mnist  # noqa: E402
+
+# CI prepares MNIST once into the repository's datasets/ (python -m data.prepare);
+# MNIST_ROOT points the tests elsewhere.
+DATA_ROOT = Path(os.environ.get("MNIST_ROOT", REPO / "datasets"))
+
+
+@pytest.fixture(scope="session")
+def mnist_root() -> Path:
+    mnist.ensure(DATA_ROOT)
+    return DATA_ROOT
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "WANDB_"))}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}, **extra)
+    return env
+
+
+def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
+    """A standalone torchrun command line for train_ddp.py."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            *extra, str(REPO / "train_ddp.py"), *args]
+
+
+def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def smoke_args(root: Path, run_dir: Path, *more: str) -> list[str]:
+    """A small, fast training run: W&B off unless overridden."""
+    return [f"data.root={root}", f"run.dir={run_dir}", "wandb.mode=disabled", *more]

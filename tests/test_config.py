@@ -1,0 +1,92 @@
+import subprocess
+import sys
+
+import pytest
+
+from cnn.config import Config, ConfigError, build, parse_args, validate
+from conftest import REPO, child_env
+
+
+def test_schema_defaults():
+    cfg = build()
+    assert isinstance(cfg, Config)
+    assert cfg.train.batch_size == 128 and cfg.optim.lr == 2e-3 and cfg.precision == "auto"
+
+
+def test_precedence_cli_over_file_over_schema(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  epochs: 5\n  batch_size: 64\noptim:\n  lr: 0.01\n")
+    cfg = build(f, ["train.epochs=7"])
+    assert cfg.train.epochs == 7  # command line beats file
+    assert cfg.train.batch_size == 64  # file beats schema
+    assert cfg.optim.lr == 0.01
+    assert cfg.train.max_steps == 0  # schema default survives
+
+
+def test_default_yaml_is_valid():
+    cfg = build(REPO / "configs" / "default.yaml")
+    assert cfg.train.epochs >= 1
+
+
+def test_wandb_agent_style_arguments():
+    cfg = parse_args(["--optim.lr=0.005", "--train.batch_size=256", "precision=fp32"])
+    assert cfg.optim.lr == 0.005 and cfg.train.batch_size == 256 and cfg.precision == "fp32"
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.nope=1", "train.nope"),
+        ("nonsense=1", "nonsense"),
+        ("train.epochs=abc", "train.epochs"),
+        ("train.batch_size=0", "train.batch_size"),
+        ("optim.lr=-0.1", "optim.lr"),
+        ("train.epochs=0", "train.epochs"),
+        ("precision=fp8", "precision"),
+        ("model.dropout=1.5", "model.dropout"),
+        ("optim.schedule=step", "optim.schedule"),
+        ("wandb.mode=sometimes", "wandb.mode"),
+        ("checkpoint.resume=/no/such/file.pt", "checkpoint.resume"),
+        ("checkpoint.keep=0", "checkpoint.keep"),
+        ("dist.timeout_s=0", "dist.timeout_s"),
+        ("data.train_subset=10", "data.train_subset"),
+    ],
+)
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        build(None, [override])
+    msg = str(info.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_missing_config_file_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        build(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="key=value"):
+        build(None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="unrecognised"):
+        parse_args(["--bogus"])
+
+
+def test_global_batch_must_divide_by_world_size():
+    cfg = build(None, ["train.batch_size=100"])
+    validate(cfg, world_size=4)
+    with pytest.raises(ConfigError, match="train.batch_size.*world size 3"):
+        validate(cfg, world_size=3)
+
+
+def test_bad_config_exits_2_with_one_line():
+    proc = subprocess.run([sys.executable, "train_ddp.py", "optim.lr=-1"], cwd=REPO, env=child_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "optim.lr" in lines[0]
+
+
+def test_bad_config_fails_on_every_rank_under_torchrun():
+    from conftest import torchrun
+    # batch 129 is not divisible by world size 2: caught before the process group starts
+    proc = subprocess.run(torchrun(2, "train.batch_size=129"), cwd=REPO, env=child_env(), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("config error: train.batch_size") == 2

