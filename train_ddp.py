@@ -55,6 +55,9 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # a second SIGTERM (e.g. we are stuck in a collective): die now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
         self.requested = True
 
 
@@ -300,7 +303,7 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
                     save_checkpoint(step)
                 perf.sync(d.device)
                 t_last = time.perf_counter()
-            elif cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0:
+            if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not epoch_end:
                 save_checkpoint(step)
             if step % STOP_CHECK_EVERY == 0 and step < total_steps and distributed.all_agree(stop.requested, d.device):
                 save_checkpoint(step)

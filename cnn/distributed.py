@@ -99,9 +99,24 @@ def setup(device: str = "auto", timeout_s: float = 60.0) -> Dist:
         if launcher == "slurm":
             os.environ.setdefault("MASTER_ADDR", first_slurm_host())
             os.environ.setdefault("MASTER_PORT", str(slurm_port()))
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
+        dist.init_process_group(backend, store=_store(rank, world_size, timeout), rank=rank, world_size=world_size,
+                                timeout=timeout)
     node_rank = rank // max(1, local_world_size)
     return Dist(rank, local_rank, world_size, local_world_size, node_rank, dev, backend, launcher)
+
+
+def _store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store, with a prefix per torchrun restart attempt.
+
+    Under torchrun the agent hosts the store and keeps it across elastic
+    restarts; without a per-attempt prefix the restarted workers read the dead
+    attempt's gloo addresses and fail to connect ("Connection refused").
+    """
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(host, port, world_size, is_master=(rank == 0 and not agent_hosts), timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"mnist-ddp/attempt-{attempt}", store)
 
 
 def cleanup() -> None:
