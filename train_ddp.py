@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
 import signal
 import sys
 import time
@@ -140,6 +141,13 @@ def samples_digest(idx: torch.Tensor, world_size: int) -> str:
     return hashlib.sha1(union.tobytes()).hexdigest()[:16]
 
 
+def peak_rss_mb(d: distributed.Dist) -> float:
+    """The largest peak resident memory of any rank, in MiB."""
+    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -227,6 +235,13 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
                 )
                 log(f"checkpoint {path}")
 
+        def run_eval():
+            ev = evaluate(raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast)
+            history["best_test_accuracy"] = max(history["best_test_accuracy"], ev.accuracy)
+            if ev.accuracy >= 0.99 and history["seconds_to_99"] is None:
+                history["seconds_to_99"] = history["train_seconds"]  # training time only, evaluations excluded
+            return ev
+
         # ---- the loop
         bar = tqdm(total=total_steps, initial=start_step, disable=not (d.is_main and sys.stdout.isatty()), unit="step")
         say = bar.write if not bar.disable else log
@@ -263,7 +278,8 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
                 tracker.log({"event": "samples", "step": step, "epoch": epoch, "samples": samples_digest(idx, d.world_size)})
 
             epoch_end = step % spe == 0 or step == total_steps
-            if step % cfg.train.log_every == 0 or epoch_end:
+            mid_eval = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and not epoch_end
+            if step % cfg.train.log_every == 0 or epoch_end or mid_eval:
                 sums = torch.stack([loss_sum, correct_sum.float()])
                 dist.all_reduce(sums)  # the whole job's figures, not rank 0's
                 n_steps, window_steps = window_steps, 0
@@ -285,11 +301,12 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
                 if bar.disable and not epoch_end:
                     say(f"step {step}/{total_steps} epoch {epoch} loss {train_loss:.4f} acc {train_acc:.4f} "
                         f"lr {rec['lr']:.2e} {tp['images_per_sec']:.0f} img/s")
+                if mid_eval:
+                    ev = run_eval()
+                    tracker.log({"event": "eval", "step": step, "epoch": epoch, "test_loss": ev.loss,
+                                 "test_accuracy": ev.accuracy, "eval_count": ev.count})
                 if epoch_end:
-                    ev = evaluate(raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast)
-                    history["best_test_accuracy"] = max(history["best_test_accuracy"], ev.accuracy)
-                    if ev.accuracy >= 0.99 and history["seconds_to_99"] is None:
-                        history["seconds_to_99"] = history["train_seconds"]
+                    ev = run_eval()
                     epoch_seconds = history["train_seconds"] - history["epoch_start"][0]
                     epoch_tp = perf.throughput(history["images"] - history["epoch_start"][1], epoch_seconds, peak_gflops)
                     history["epoch_start"] = (history["train_seconds"], history["images"])
@@ -318,7 +335,7 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
             "test_accuracy": ev.accuracy, "test_loss": ev.loss, "eval_count": ev.count,
             "best_test_accuracy": max(history["best_test_accuracy"], ev.accuracy),
             "seconds_to_99": history["seconds_to_99"], "epochs": total_steps / spe, "steps": total_steps,
-            "train_seconds": history["train_seconds"], "images": history["images"],
+            "train_seconds": history["train_seconds"], "images": history["images"], "peak_rss_mb": peak_rss_mb(d),
             **perf.throughput(history["images"], history["train_seconds"], peak_gflops),
             **facts, "run_dir": str(run_dir),
         }

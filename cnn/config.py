@@ -51,6 +51,8 @@ class TrainConfig:
     """GLOBAL batch in images per optimizer step, split evenly over all ranks."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = no limit; for smoke runs)."""
+    eval_every: int = 0
+    """Also evaluate every N optimizer steps (0 = only at the end of each epoch)."""
     eval_batch_size: int = 1000
     """Images per forward pass during evaluation, per rank."""
     log_every: int = 50
@@ -204,6 +206,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     )
     _check(t.max_steps >= 0, "train.max_steps", f"must be >= 0, got {t.max_steps}")
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
+    _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")

@@ -129,7 +129,10 @@ class Tracker(NullTracker):
         """Drop records past `step` (left by an attempt that died after its last checkpoint)."""
         self._jsonl.close()
         lines = self.metrics_path.read_text().splitlines(keepends=True)
-        kept = [ln for ln in lines if ln.strip() and _record_step(ln) <= step]
+        # W&B already holds the dropped steps (offline it cannot tell us): never log them twice
+        steps = [(ln, _record_step(ln)) for ln in lines if ln.strip()]
+        self.resumed_step = max([self.resumed_step, *(s for _, s in steps if s is not None)])
+        kept = [ln for ln, s in steps if s is not None and s <= step]  # a torn last line goes too
         tmp = self.metrics_path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, self.metrics_path)
@@ -162,11 +165,11 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _record_step(line: str) -> int:
+def _record_step(line: str) -> int | None:
     try:
-        return int(json.loads(line).get("step", -1))
-    except (ValueError, AttributeError):
-        return 1 << 62  # an unreadable (torn) last line is dropped
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def make_tracker(is_main: bool, run_dir: str | os.PathLike, cfg: WandbConfig, config: dict[str, Any], group: str):
