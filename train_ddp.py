@@ -22,6 +22,7 @@ import hashlib
 import os
 import resource
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -141,6 +142,16 @@ def samples_digest(idx: torch.Tensor, world_size: int) -> str:
     return hashlib.sha1(union.tobytes()).hexdigest()[:16]
 
 
+def git_commit() -> str:
+    """The code's commit, for filtering runs in W&B ('' outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def peak_rss_mb(d: distributed.Dist) -> float:
     """The largest peak resident memory of any rank, in MiB."""
     t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=d.device)
@@ -208,7 +219,7 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
         "device_name": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
         "precision": prec.name, "global_batch_size": global_batch, "per_rank_batch_size": per_rank,
         "torch_version": torch.__version__, "threads_per_rank": torch.get_num_threads(),
-        "peak_gflops": peak_gflops, "steps_per_epoch": spe, "total_steps": total_steps,
+        "peak_gflops": peak_gflops, "steps_per_epoch": spe, "total_steps": total_steps, "git_commit": git_commit(),
     }
     group = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
     if d.is_main:
@@ -220,7 +231,7 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
     try:
         if state is not None:
             tracker.truncate_after(start_step)
-        tracker.log({"event": "start", "step": start_step, "epoch": start_step // spe, **facts})
+        tracker.log({"event": "start", "step": start_step, "epoch": start_step // spe, **facts}, stream=False)  # in W&B's config
 
         def save_checkpoint(step: int) -> None:
             if d.is_main:
@@ -275,7 +286,8 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
             window_steps += 1
             bar.update(1)
             if cfg.train.record_samples:
-                tracker.log({"event": "samples", "step": step, "epoch": epoch, "samples": samples_digest(idx, d.world_size)})
+                tracker.log({"event": "samples", "step": step, "epoch": epoch, "samples": samples_digest(idx, d.world_size)},
+                            stream=False)
 
             epoch_end = step % spe == 0 or step == total_steps
             mid_eval = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and not epoch_end
@@ -330,7 +342,12 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
         bar.close()
 
         # ---- final evaluation and summary
-        ev = evaluate(raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast)
+        ev = evaluate(raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast, keep_predictions=True)
+        shards = [None] * d.world_size
+        dist.all_gather_object(shards, ev.predictions.cpu())  # rank order = test-set order
+        if d.is_main:
+            test_images, test_labels = mnist.load(cfg.data.root, train=False)
+            tracker.predictions(test_images, test_labels, torch.cat(shards))
         summary = {
             "test_accuracy": ev.accuracy, "test_loss": ev.loss, "eval_count": ev.count,
             "best_test_accuracy": max(history["best_test_accuracy"], ev.accuracy),

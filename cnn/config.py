@@ -125,8 +125,8 @@ class WandbConfig:
     """Run tags."""
     notes: str = ""
     """Free-text notes for the run."""
-    log_every: int = 50
-    """Optimizer steps between streamed train metrics."""
+    log_every: int = 0
+    """Optimizer steps between train metrics streamed to W&B (0 = train.log_every; a multiple of it)."""
     init_timeout_s: int = 20
     """Give up on W&B after this many seconds at start-up and fall back to offline."""
 
@@ -237,7 +237,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"'{c.resume}' is neither auto, never nor an existing checkpoint file",
     )
     _check(w.mode in WANDB_MODES, "wandb.mode", f"'{w.mode}' is not one of {', '.join(WANDB_MODES)}")
-    _check(w.log_every >= 1, "wandb.log_every", f"must be >= 1, got {w.log_every}")
+    _check(
+        w.log_every >= 0 and w.log_every % t.log_every == 0,
+        "wandb.log_every",
+        f"must be 0 or a multiple of train.log_every ({t.log_every}), got {w.log_every}",
+    )
     _check(w.init_timeout_s >= 1, "wandb.init_timeout_s", f"must be >= 1, got {w.init_timeout_s}")
 
 

@@ -19,9 +19,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cnn.config import WandbConfig
 
 RUN_ID_FILE = "wandb_run_id.txt"
+GRID_IMAGES = 32  # test images shown with their predicted and true labels
 
 
 def _warn(msg: str) -> None:
@@ -45,10 +48,10 @@ class NullTracker:
     run_id: str | None = None
     resumed_step: int = -1
 
-    def log(self, record: dict[str, Any], wandb_only: dict[str, Any] | None = None) -> None: ...
+    def log(self, record: dict[str, Any], stream: bool = True) -> None: ...
     def summary(self, values: dict[str, Any]) -> None: ...
     def truncate_after(self, step: int) -> None: ...
-    def media(self, items: dict[str, Any]) -> None: ...
+    def predictions(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
 
@@ -60,6 +63,7 @@ class Tracker(NullTracker):
         self._jsonl = open(self.metrics_path, "a", buffering=1)  # line-buffered: a crash loses at most a line
         self._wandb = None
         self.run_id = None
+        self.wandb_every = cfg.log_every
         self._init_wandb(cfg, config, group)
 
     # ---------------------------------------------------------------- W&B
@@ -100,6 +104,10 @@ class Tracker(NullTracker):
                 first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
                 nxt = "retrying offline" if attempt == "online" else f"metrics go to {self.metrics_path} only"
                 _warn(f"W&B init failed in {attempt} mode ({type(exc).__name__}: {first}); {nxt}")
+                try:  # forget the half-made run, or the retry finds its id "in use"
+                    wandb.teardown()
+                except Exception:
+                    pass
         if self._wandb is not None:
             self.run_id = self._wandb.id
             id_file.write_text(self.run_id + "\n")
@@ -116,13 +124,13 @@ class Tracker(NullTracker):
             self._wandb = None
 
     # ---------------------------------------------------------------- API
-    def log(self, record: dict[str, Any], wandb_only: dict[str, Any] | None = None) -> None:
-        """Append record (which has 'step') to metrics.jsonl and stream it to W&B."""
+    def log(self, record: dict[str, Any], stream: bool = True) -> None:
+        """Append record (which has 'step') to metrics.jsonl and, if `stream`, send it to W&B."""
         self._jsonl.write(json.dumps(record) + "\n")
         step = record["step"]
-        if self._wandb is not None and step > self.resumed_step:
+        thinned = "event" not in record and self.wandb_every and step % self.wandb_every
+        if self._wandb is not None and stream and step > self.resumed_step and not thinned:
             payload = {k: v for k, v in record.items() if k not in ("step", "event") and isinstance(v, (int, float))}
-            payload.update(wandb_only or {})
             self._wandb_call(self._wandb.log, payload, step=step)
 
     def truncate_after(self, step: int) -> None:
@@ -145,10 +153,23 @@ class Tracker(NullTracker):
         if self._wandb is not None:
             self._wandb_call(self._wandb.summary.update, values)
 
-    def media(self, items: dict[str, Any]) -> None:
-        """W&B-only objects (images, tables) built by the caller from wandb's classes."""
-        if self._wandb is not None:
-            self._wandb_call(self._wandb.log, items)
+    def predictions(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
+        """The seed's figures: a grid of test images with predicted/true labels, and a
+        confusion matrix.  preds go to predictions.pt for `python -m cnn.plot` too."""
+        torch.save(preds.to(torch.uint8), self.dir / "predictions.pt")
+        if self._wandb is None:
+            return
+
+        def build():
+            import wandb
+
+            grid = [wandb.Image(images[i].numpy(), caption=f"pred {int(preds[i])} / true {int(labels[i])}")
+                    for i in range(GRID_IMAGES)]
+            matrix = wandb.plot.confusion_matrix(y_true=labels.tolist(), preds=preds.tolist(),
+                                                 class_names=[str(c) for c in range(10)])
+            self._wandb.log({"test_predictions": grid, "confusion_matrix": matrix})
+
+        self._wandb_call(build)
 
     def finish(self, exit_code: int = 0) -> None:
         self._jsonl.close()

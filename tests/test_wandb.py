@@ -31,6 +31,8 @@ def test_offline_run_holds_config_metrics_and_summary(mnist_root, tmp_path):
     steps = [h["_step"] for h in hist]
     assert steps == sorted(set(steps)), "global step must strictly increase"
     assert any("train_loss" in h for h in hist) and any("test_accuracy" in h for h in hist)
+    keys = {k.split(".")[0] for h in hist for k in h}
+    assert {"confusion_matrix_table", "test_predictions"} <= keys  # the seed's figures, as media
     summ = wr.summary(recs)
     assert summ["eval_count"] == 10000 and 0 < summ["test_accuracy"] <= 1
     assert (tmp_path / "wandb_run_id.txt").read_text().strip() in files[0].name
@@ -62,7 +64,33 @@ def test_online_without_key_or_server_keeps_training(mnist_root, tmp_path):
                             "wandb.init_timeout_s=5", "train.max_steps=20"), **env)
         took = time.monotonic() - t0
         assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stderr.count("warning: W&B") >= 1, proc.stderr
+        assert proc.stderr.count("warning: W&B") == 1, proc.stderr  # one warning, not one per step
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 20
         assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r][-1] == 20
         assert took < 90, f"{case}: {took:.0f} s"
+
+
+def test_sweep_parameters_are_config_keys():
+    """Every swept parameter, passed as the agent passes it (--key=value), is a valid override."""
+    import yaml  # PyYAML, which omegaconf depends on
+    from cnn.config import parse_args
+    from conftest import REPO
+
+    sweep = yaml.safe_load((REPO / "configs" / "sweep.yaml").read_text())
+    assert sweep["metric"]["name"] == "test_accuracy" and sweep["program"] == "train_ddp.py"
+    assert {"optim.lr", "train.batch_size", "precision"} <= set(sweep["parameters"])
+    for key, spec in sweep["parameters"].items():
+        for value in spec.get("values", [spec.get("min"), spec.get("max")]):
+            parse_args(["--config", str(REPO / "configs" / "default.yaml"), f"--{key}={value}"])
+
+
+def test_plot_command_writes_pngs(mnist_root, tmp_path):
+    import sys
+    proc = run([sys.executable, "train_ddp.py", f"data.root={mnist_root}", f"run.dir={tmp_path}", *SMALL,
+                "train.max_steps=20", "train.eval_every=10", "wandb.mode=disabled"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = run([sys.executable, "-m", "cnn.plot", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr
+    for name in ("loss.png", "accuracy.png", "predictions.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
