@@ -14,27 +14,29 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.3) -> float:
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.6) -> float:
     """Achieved GFLOP/s of a large square matmul on this process's threads / device.
 
     The compute roofline that MFU is measured against: measured, not a data-sheet
     figure, so it reflects this machine's clocks and thread settings.
     """
-    n = 4096 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b  # warm-up
+    a @ b  # warm-up
     sync(device)
-    iters, t0 = 0, time.perf_counter()
-    while True:
-        a @ b
-        iters += 1
-        if iters % 4 == 0:
+    best = 0.0
+    for _ in range(3):  # best of three: a shared machine only ever makes it slower
+        iters, t0 = 0, time.perf_counter()
+        while True:
+            a @ b
+            iters += 1
             sync(device)
             elapsed = time.perf_counter() - t0
-            if elapsed >= seconds:
-                return 2 * n**3 * iters / elapsed / 1e9
+            if elapsed >= seconds / 3:
+                break
+        best = max(best, 2 * n**3 * iters / elapsed / 1e9)
+    return best
 
 
 def throughput(images: int, seconds: float, peak_gflops: float) -> dict[str, float]:
