@@ -22,6 +22,7 @@ import hashlib
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,9 +58,8 @@ class StopRequest:
         signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second SIGTERM (e.g. we are stuck in a collective): die now
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        # Repeats are expected (slurmstepd and the torchrun agent may both forward one);
+        # torchrun and SLURM escalate to SIGKILL themselves if we never reach a step boundary.
         self.requested = True
 
 
@@ -221,6 +221,11 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
         "torch_version": torch.__version__, "threads_per_rank": torch.get_num_threads(),
         "peak_gflops": peak_gflops, "steps_per_epoch": spe, "total_steps": total_steps, "git_commit": git_commit(),
     }
+    # where every rank runs: (rank, host, SLURM node id) - shows that all nodes took part
+    placement = [None] * d.world_size
+    dist.all_gather_object(placement, (d.rank, socket.gethostname(), os.environ.get("SLURM_NODEID")))
+    facts["hosts"] = sorted({host for _, host, _ in placement})
+    facts["slurm_node_ids"] = sorted({int(n) for _, _, n in placement if n is not None})
     group = os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID", "")
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

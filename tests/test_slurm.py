@@ -1,0 +1,134 @@
+"""The slurm/ templates against a real scheduler: slurmctld + two slurmd "nodes" on
+this host (tests/slurm/start_cluster.sh). Needs root (or SLURM already installed)."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_jsonl
+
+pytestmark = pytest.mark.slurm
+HARNESS = REPO / "tests" / "slurm"
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL")
+# The templates ask for GPU-cluster resources; these command-line options override them
+# for the CPU-only test cluster (1 fake GPU per node -> one process per node).
+CPU_OVERRIDES = ["--partition=debug", "--gpus-per-node=1", "--mem=1G", "--cpus-per-task=1", "--time=00:10:00"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.geteuid() != 0 and not shutil.which("slurmctld"):
+        pytest.skip("SLURM is not installed and installing it needs root")
+    # munged insists every folder above its socket is world-searchable: not pytest's 0700 tmp
+    base = Path(tempfile.mkdtemp(prefix="mnist-ddp-slurm-"))
+    base.chmod(0o755)
+    env = dict(os.environ, SLURM_TEST_DIR=str(base))
+    start = subprocess.run(["bash", str(HARNESS / "start_cluster.sh")], env=env, capture_output=True, text=True,
+                           timeout=600)
+    if start.returncode != 0 and not shutil.which("slurmctld"):
+        pytest.skip(f"SLURM could not be installed: {start.stderr.strip()[-300:]}")
+    assert start.returncode == 0, start.stderr
+    env["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
+    yield env
+    subprocess.run(["bash", str(HARNESS / "stop_cluster.sh"), "--purge"], env=env, timeout=120)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def sbatch(env, tmp_path, template, *train_args, options=()):
+    run_env = dict(env, RUN_ROOT=str(tmp_path / "runs"))
+    proc = subprocess.run(["sbatch", "--parsable", *CPU_OVERRIDES, f"--output={tmp_path}/slurm-%j.out", *options,
+                           str(REPO / "slurm" / template), *train_args],
+                          cwd=REPO, env=run_env, capture_output=True, text=True, timeout=60)
+    return proc
+
+
+def job_info(env, job):
+    line = subprocess.run(["scontrol", "show", "job", "-o", job], env=env, capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S+)", line))
+
+
+def wait(env, job, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = job_info(env, job)
+        if info.get("JobState") in FINAL:
+            return info
+        time.sleep(0.5)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} did not finish in {timeout} s: {job_info(env, job)}")
+
+
+def small(root):
+    return [f"data.root={root}", "data.train_subset=2560", "train.max_steps=20", "wandb.mode=offline"]
+
+
+@pytest.mark.parametrize("template, launcher, options", [
+    ("multinode_torchrun.sbatch", "torchrun", ["--nodes=2"]),
+    ("srun_direct.sbatch", "slurm", ["--nodes=2", "--ntasks-per-node=1"]),
+])
+def test_multinode_templates(cluster, mnist_root, tmp_path, template, launcher, options):
+    proc = sbatch(cluster, tmp_path, template, *small(mnist_root), options=options)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    info = wait(cluster, job)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    s = json.loads((tmp_path / "runs" / job / "summary.json").read_text())
+    assert s["launcher"] == launcher and s["world_size"] == 2 and s["nodes"] == 2
+    assert s["slurm_node_ids"] == [0, 1], "both nodes must take part"
+    assert s["eval_count"] == 10000 and s["steps"] == 20
+    # the same 20 global batches as any other launch of this config: 88.15% after 20 steps (seen
+    # at world size 1 and 2); a loose bound keeps it robust to the machine's math library
+    assert 0.8 < s["test_accuracy"] < 0.95
+
+
+def test_single_node_template(cluster, mnist_root, tmp_path):
+    proc = sbatch(cluster, tmp_path, "single_node.sbatch", *small(mnist_root))
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    info = wait(cluster, job)
+    assert info["JobState"] == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()[-3000:]
+    s = json.loads((tmp_path / "runs" / job / "summary.json").read_text())
+    assert s["world_size"] == 1 and s["eval_count"] == 10000
+
+
+def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_path):
+    args = [f"data.root={mnist_root}", "data.train_subset=19200", "train.batch_size=64", "train.epochs=1",
+            "train.log_every=10", "wandb.mode=offline"]
+    proc = sbatch(cluster, tmp_path, "multinode_torchrun.sbatch", *args, options=["--nodes=2"])
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    metrics = tmp_path / "runs" / job / "metrics.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (metrics.exists() and '"step": 40' in metrics.read_text()):
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    info = wait(cluster, job, timeout=300)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert "preemption signal: checkpointing and requeueing" in log
+    stopped = re.search(r"SIGTERM: stopped at step (\d+)", log)
+    assert stopped and int(stopped.group(1)) >= 40, log[-3000:]
+    assert f"resumed from step {stopped.group(1)}" in log, "restarted from scratch instead of the checkpoint"
+    assert "restart 1:" in log  # SLURM_RESTART_COUNT=1 in the requeued run
+    s = json.loads((tmp_path / "runs" / job / "summary.json").read_text())
+    assert s["steps"] == 300 and s["eval_count"] == 10000  # as an uninterrupted job
+    run_dir = tmp_path / "runs" / job
+    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    attempts = list(run_dir.glob("wandb/offline-run-*"))
+    assert len(attempts) == 2 and all(a.name.endswith(run_id) for a in attempts), "one W&B run across the requeue"
+    steps = [r["step"] for r in read_jsonl(metrics) if "train_loss" in r and "event" not in r]
+    assert steps == sorted(set(steps))
+
+
+def test_impossible_request_fails_at_submit(cluster, mnist_root, tmp_path):
+    proc = sbatch(cluster, tmp_path, "multinode_torchrun.sbatch", *small(mnist_root), options=["--nodes=3"])
+    assert proc.returncode != 0
+    assert "sbatch: error" in proc.stderr and "node" in proc.stderr.lower(), proc.stderr
