@@ -19,6 +19,7 @@ config.yaml, metrics.jsonl, summary.json, checkpoints/.  Exit codes: 0 done,
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import resource
 import signal
@@ -61,6 +62,42 @@ class StopRequest:
         # Repeats are expected (slurmstepd and the torchrun agent may both forward one);
         # torchrun and SLURM escalate to SIGKILL themselves if we never reach a step boundary.
         self.requested = True
+
+
+class Window:
+    """Train loss and accuracy summed on the device between log points: no host sync per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.steps = 0
+        perf.sync(device)
+        self.t0 = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss.detach().float()
+        self.correct += (logits.argmax(dim=1) == y).sum()
+        self.steps += 1
+
+    def close(self, world_size: int, global_batch: int) -> tuple[float, float, int, float]:
+        """(mean train loss, accuracy, images, seconds) over all ranks since the last close."""
+        sums = torch.stack([self.loss, self.correct.float()])
+        dist.all_reduce(sums)  # the whole job's figures, not rank 0's
+        loss = sums[0].item() / (self.steps * world_size)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({loss}) in the last {self.steps} steps")
+        acc, images = sums[1].item() / (self.steps * global_batch), self.steps * global_batch
+        perf.sync(self.device)
+        seconds = time.perf_counter() - self.t0
+        self.loss.zero_(), self.correct.zero_()
+        self.steps = 0
+        return loss, acc, images, seconds
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpointing are not training time."""
+        perf.sync(self.device)
+        self.t0 = time.perf_counter()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -258,14 +295,23 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
                 history["seconds_to_99"] = history["train_seconds"]  # training time only, evaluations excluded
             return ev
 
+        def end_epoch(step: int, epoch: int, train_loss: float, train_acc: float, say) -> None:
+            ev = run_eval()
+            epoch_seconds = history["train_seconds"] - history["epoch_start"][0]
+            epoch_tp = perf.throughput(history["images"] - history["epoch_start"][1], epoch_seconds, peak_gflops)
+            history["epoch_start"] = (history["train_seconds"], history["images"])
+            tracker.log({"event": "epoch", "step": step, "epoch": epoch, "train_loss": train_loss,
+                         "train_accuracy": train_acc, "test_loss": ev.loss, "test_accuracy": ev.accuracy,
+                         "eval_count": ev.count, "epoch_seconds": epoch_seconds, **epoch_tp})
+            say(f"epoch {epoch} step {step}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
+                f"test loss {ev.loss:.4f} acc {ev.accuracy:.4f} ({ev.count} images) | "
+                f"{epoch_tp['images_per_sec']:.0f} img/s, {epoch_seconds:.1f} s")
+            save_checkpoint(step)
+
         # ---- the loop
         bar = tqdm(total=total_steps, initial=start_step, disable=not (d.is_main and sys.stdout.isatty()), unit="step")
         say = bar.write if not bar.disable else log
-        loss_sum = torch.zeros((), device=d.device)
-        correct_sum = torch.zeros((), device=d.device, dtype=torch.long)
-        window_images, window_steps, share, share_epoch = 0, 0, None, -1
-        perf.sync(d.device)
-        t_last = time.perf_counter()
+        window, share, share_epoch = Window(d.device), None, -1
         step = start_step
         while step < total_steps:
             epoch, s = divmod(step, spe)
@@ -284,11 +330,8 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
             prec.scaler.step(opt)
             prec.scaler.update()
             opt.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
-            correct_sum += (logits.argmax(dim=1) == y).sum()
+            window.add(loss, logits, y)
             step += 1
-            window_images += global_batch
-            window_steps += 1
             bar.update(1)
             if cfg.train.record_samples:
                 tracker.log({"event": "samples", "step": step, "epoch": epoch, "samples": samples_digest(idx, d.world_size)},
@@ -297,46 +340,23 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
             epoch_end = step % spe == 0 or step == total_steps
             mid_eval = bool(cfg.train.eval_every) and step % cfg.train.eval_every == 0 and not epoch_end
             if step % cfg.train.log_every == 0 or epoch_end or mid_eval:
-                sums = torch.stack([loss_sum, correct_sum.float()])
-                dist.all_reduce(sums)  # the whole job's figures, not rank 0's
-                n_steps, window_steps = window_steps, 0
-                train_loss = sums[0].item() / (n_steps * d.world_size)
-                if not torch.isfinite(sums[0]):
-                    raise FloatingPointError(f"non-finite training loss ({train_loss}) in the {n_steps} steps before step {step}")
-                train_acc = sums[1].item() / (n_steps * global_batch)
-                loss_sum.zero_(), correct_sum.zero_()
-                perf.sync(d.device)
-                now = time.perf_counter()
-                tp = perf.throughput(window_images, now - t_last, peak_gflops)
-                history["train_seconds"] += now - t_last
-                history["images"] += window_images
-                window_images = 0
+                train_loss, train_acc, images, seconds = window.close(d.world_size, global_batch)
+                history["train_seconds"] += seconds
+                history["images"] += images
                 rec = {"step": step, "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                       "lr": opt.param_groups[0]["lr"], **tp}
+                       "lr": opt.param_groups[0]["lr"], **perf.throughput(images, seconds, peak_gflops)}
                 tracker.log(rec)
                 bar.set_postfix(loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}")
                 if bar.disable and not epoch_end:
                     say(f"step {step}/{total_steps} epoch {epoch} loss {train_loss:.4f} acc {train_acc:.4f} "
-                        f"lr {rec['lr']:.2e} {tp['images_per_sec']:.0f} img/s")
+                        f"lr {rec['lr']:.2e} {rec['images_per_sec']:.0f} img/s")
                 if mid_eval:
                     ev = run_eval()
                     tracker.log({"event": "eval", "step": step, "epoch": epoch, "test_loss": ev.loss,
                                  "test_accuracy": ev.accuracy, "eval_count": ev.count})
                 if epoch_end:
-                    ev = run_eval()
-                    epoch_seconds = history["train_seconds"] - history["epoch_start"][0]
-                    epoch_tp = perf.throughput(history["images"] - history["epoch_start"][1], epoch_seconds, peak_gflops)
-                    history["epoch_start"] = (history["train_seconds"], history["images"])
-                    ep = {"event": "epoch", "step": step, "epoch": epoch, "train_loss": train_loss, "train_accuracy": train_acc,
-                          "test_loss": ev.loss, "test_accuracy": ev.accuracy, "eval_count": ev.count,
-                          "epoch_seconds": epoch_seconds, **epoch_tp}
-                    tracker.log(ep)
-                    say(f"epoch {epoch} step {step}: train loss {train_loss:.4f} acc {train_acc:.4f} | "
-                        f"test loss {ev.loss:.4f} acc {ev.accuracy:.4f} ({ev.count} images) | "
-                        f"{epoch_tp['images_per_sec']:.0f} img/s, {epoch_seconds:.1f} s")
-                    save_checkpoint(step)
-                perf.sync(d.device)
-                t_last = time.perf_counter()
+                    end_epoch(step, epoch, train_loss, train_acc, say)
+                window.restart_clock()
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not epoch_end:
                 save_checkpoint(step)
             if step % STOP_CHECK_EVERY == 0 and step < total_steps and distributed.all_agree(stop.requested, d.device):

@@ -80,7 +80,7 @@ def main() -> None:
             tut += ["--eval-every", str(EVAL_IMAGES)]
         rows["tutorial"] = json.loads(sh([sys.executable, "bench/tutorial.py", *tut], cores).strip().splitlines()[-1])
         rows["ours"] = ours(Path(tmp) / "ours", None,
-                            [*common, f"train.eval_every={0 if args.quick else eval_every}"], None)
+                            [*common, f"train.eval_every={0 if args.quick else eval_every}"], cores)
         scal = [*common, "train.threads=1", "train.eval_every=0"]
         if not args.quick:
             scal[1] = "train.max_steps=300"

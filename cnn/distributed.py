@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -157,7 +156,3 @@ def print0(*args, **kwargs) -> None:
     """print() on global rank 0 only."""
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(*args, **kwargs, flush=True)
-
-
-def eprint(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
