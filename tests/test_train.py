@@ -71,3 +71,26 @@ def test_default_config_reaches_99_percent(mnist_root, tmp_path):
     s = _summary(run_dir)
     assert s["eval_count"] == 10000 and s["epochs"] == 2
     assert s["test_accuracy"] >= 0.99, s
+
+
+def test_non_finite_loss_stops_with_a_clear_error(mnist_root, tmp_path):
+    # an absurd learning rate blows the weights up within a few steps
+    proc = run([sys.executable, "train_ddp.py", *smoke_args(mnist_root, tmp_path, "optim.lr=1e12",
+                                                            "optim.schedule=constant", "train.max_steps=30",
+                                                            "train.log_every=10", "data.train_subset=2560")])
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite training loss")
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_raw_weights(mnist_root, tmp_path):
+    proc = run([sys.executable, "train_ddp.py", *smoke_args(mnist_root, tmp_path, "train.compile=true",
+                                                            "train.max_steps=10", "data.train_subset=2560")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from cnn import checkpoint
+    from cnn.model import CNN
+    state = checkpoint.load(checkpoint.list_checkpoints(tmp_path)[0])
+    CNN().load_state_dict(state["model"])  # no _orig_mod./module. prefixes
+    assert _summary(tmp_path)["eval_count"] == 10000
