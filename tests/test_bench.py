@@ -22,3 +22,8 @@ def test_quick_benchmark_runs_and_reports(mnist_root, tmp_path):
 def test_wandb_overhead_script():
     proc = run([sys.executable, "bench/wandb_overhead.py", "--steps", "20", "--mode", "disabled"], timeout=120)
     assert proc.returncode == 0 and "per logged step" in proc.stdout
+
+
+def test_checkpoint_cost_script(tmp_path):
+    proc = run([sys.executable, "bench/checkpoint_cost.py", "--dir", str(tmp_path), "--repeats", "2"], timeout=120)
+    assert proc.returncode == 0 and "MiB" in proc.stdout and "save" in proc.stdout, proc.stderr
