@@ -40,7 +40,7 @@ from cnn.config import Config, ConfigError
 from cnn.evaluate import evaluate
 from cnn.model import CNN
 from cnn.optim import build_optimizer, lr_at
-from cnn.tracking import NullTracker, make_tracker
+from cnn.tracking import make_tracker
 from data import mnist
 from data.sharding import DeviceDataset, batch_indices, epoch_indices, steps_per_epoch
 
@@ -142,7 +142,7 @@ def check_resume_config(state: dict, cfg: Config, path_hint: str) -> None:
             )
 
 
-def load_resume_state(cfg: Config, d: distributed.Dist, run_dir: Path, raw: torch.nn.Module) -> dict | None:
+def load_resume_state(cfg: Config, d: distributed.Dist, run_dir: Path) -> dict | None:
     """Rank 0 picks and reads the checkpoint, then broadcasts it (nodes need not share a filesystem)."""
     payload: dict | str | None = None
     if d.is_main:
@@ -229,7 +229,7 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
     # cumulative over restarts (saved in checkpoints); epoch_start = (train_seconds, images) when the epoch began
     history = {"train_seconds": 0.0, "images": 0, "best_test_accuracy": 0.0, "seconds_to_99": None, "epoch_start": (0.0, 0)}
     start_step = 0
-    state = load_resume_state(cfg, d, run_dir, raw)
+    state = load_resume_state(cfg, d, run_dir)
     if state is not None:
         raw.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

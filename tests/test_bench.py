@@ -4,7 +4,7 @@ this machine is shared and noisy; ratios are read from its table)."""
 import json
 import sys
 
-from conftest import REPO, run
+from conftest import run
 
 
 def test_quick_benchmark_runs_and_reports(mnist_root, tmp_path):
