@@ -83,10 +83,27 @@ def test_bad_config_exits_2_with_one_line():
     assert len(lines) == 1 and "optim.lr" in lines[0]
 
 
-def test_bad_config_fails_on_every_rank_under_torchrun():
+def test_bad_config_fails_on_every_rank_without_waiting():
+    """Each rank validates before joining the process group: it exits 2 by itself, no hang.
+
+    The ranks are started by hand (not torchrun, whose agent kills the survivors as soon
+    as the first rank fails, so their messages may never be printed)."""
+    from conftest import free_port
+    port = str(free_port())
+    procs = [subprocess.Popen([sys.executable, "train_ddp.py", "train.batch_size=129"], cwd=REPO,
+                              env=child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    outs = [p.communicate(timeout=120)[1] for p in procs]
+    assert [p.returncode for p in procs] == [2, 2]
+    for err in outs:  # batch 129 is not divisible by world size 2
+        assert err.strip().splitlines() == [
+            "config error: train.batch_size: global batch 129 is not divisible by the world size 2"]
+
+
+def test_bad_config_under_torchrun_fails_the_job():
     from conftest import torchrun
-    # batch 129 is not divisible by world size 2: caught before the process group starts
     proc = subprocess.run(torchrun(2, "train.batch_size=129"), cwd=REPO, env=child_env(), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
-    assert proc.stderr.count("config error: train.batch_size") == 2
+    assert "config error: train.batch_size" in proc.stderr
