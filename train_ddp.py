@@ -211,7 +211,8 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
     if cfg.data.train_subset:
         train_x, train_y = train_x[: cfg.data.train_subset], train_y[: cfg.data.train_subset]
     train_set = DeviceDataset.from_uint8(train_x, train_y, d.device, cfg.train.channels_last)
-    test_set = DeviceDataset.from_uint8(*mnist.load(cfg.data.root, train=False), d.device, cfg.train.channels_last)
+    test_x, test_y = mnist.load(cfg.data.root, train=False)  # kept for the prediction figures at the end
+    test_set = DeviceDataset.from_uint8(test_x, test_y, d.device, cfg.train.channels_last)
     global_batch = cfg.train.batch_size
     per_rank = global_batch // d.world_size
     spe = steps_per_epoch(len(train_set), global_batch)
@@ -371,8 +372,7 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
         shards = [None] * d.world_size
         dist.all_gather_object(shards, ev.predictions.cpu())  # rank order = test-set order
         if d.is_main:
-            test_images, test_labels = mnist.load(cfg.data.root, train=False)
-            tracker.predictions(test_images, test_labels, torch.cat(shards))
+            tracker.predictions(test_x, test_y, torch.cat(shards))
         summary = {
             "test_accuracy": ev.accuracy, "test_loss": ev.loss, "eval_count": ev.count,
             "best_test_accuracy": max(history["best_test_accuracy"], ev.accuracy),
