@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from cnn.model import TRAIN_FLOPS_PER_IMAGE  # noqa: E402
 from cnn.perf import matmul_peak_gflops  # noqa: E402
+from cnn.tracking import read_metrics  # noqa: E402
 
 EVAL_IMAGES = 15_000  # evaluate about every 15k training images, in both pipelines
 
@@ -49,8 +50,7 @@ def ours(run_dir: Path, nproc: int | None, overrides: list[str], threads: int | 
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_ddp.py"]
     sh([*launch, "--config", "configs/default.yaml", f"run.dir={run_dir}", "wandb.mode=disabled", *overrides], threads)
     summary = json.loads((run_dir / "summary.json").read_text())
-    windows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r["images_per_sec"] for r in windows if "images_per_sec" in r and "event" not in r]
+    windows = [r["images_per_sec"] for r in read_metrics(run_dir) if "images_per_sec" in r and "event" not in r]
     steady = statistics.median(windows[1:] or windows)  # the first window holds the warm-up
     return {"images_per_sec": steady, "seconds_to_99": summary["seconds_to_99"],
             "test_accuracy": summary["test_accuracy"], "peak_rss_mb": summary["peak_rss_mb"],

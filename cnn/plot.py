@@ -8,22 +8,19 @@ Needs matplotlib (pip install -e '.[plot]').
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from cnn.tracking import read_metrics
+
 GRID = (4, 8)  # rows x columns of test images in predictions.png
 
 
-def _records(run_dir: Path) -> list[dict]:
-    return [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
-
-
 def curves(run_dir: Path, plt) -> list[Path]:
-    recs = _records(run_dir)
+    recs = read_metrics(run_dir)
     train = [r for r in recs if "train_loss" in r and "event" not in r]
     evals = [r for r in recs if "test_accuracy" in r]
     written = []

@@ -181,6 +181,14 @@ class Tracker(NullTracker):
                 _warn(f"W&B finish failed ({type(exc).__name__}: {str(exc)[:200]})")
 
 
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or a run folder holding one), in order."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def _new_run_id() -> str:
     alphabet = string.ascii_lowercase + string.digits
     return "".join(secrets.choice(alphabet) for _ in range(8))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -49,10 +48,6 @@ def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
 
 def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, env=child_env(**env), capture_output=True, text=True, timeout=timeout)
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def smoke_args(root: Path, run_dir: Path, *more: str) -> list[str]:

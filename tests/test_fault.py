@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from cnn import checkpoint
-from conftest import REPO, child_env, read_jsonl, run, smoke_args, torchrun
+from cnn.tracking import read_metrics
+from conftest import REPO, child_env, run, smoke_args, torchrun
 
 # 2 epochs of 40 steps (2560 images, global batch 64); checkpoints and logs every 10 steps.
 SMALL = ("data.train_subset=2560", "train.batch_size=64", "train.epochs=2", "train.log_every=10",
@@ -22,11 +23,11 @@ def _final_weights(run_dir):
 
 
 def _samples(run_dir):
-    return [(r["step"], r["samples"]) for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "samples"]
+    return [(r["step"], r["samples"]) for r in read_metrics(run_dir / "metrics.jsonl") if r.get("event") == "samples"]
 
 
 def _train_records(run_dir):
-    return [(r["step"], r["train_loss"], r.get("test_accuracy")) for r in read_jsonl(run_dir / "metrics.jsonl")
+    return [(r["step"], r["train_loss"], r.get("test_accuracy")) for r in read_metrics(run_dir / "metrics.jsonl")
             if "train_loss" in r]
 
 

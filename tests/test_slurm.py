@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_jsonl
+from cnn.tracking import read_metrics
+from conftest import REPO
 
 pytestmark = pytest.mark.slurm
 HARNESS = REPO / "tests" / "slurm"
@@ -124,7 +125,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_pa
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
     attempts = list(run_dir.glob("wandb/offline-run-*"))
     assert len(attempts) == 2 and all(a.name.endswith(run_id) for a in attempts), "one W&B run across the requeue"
-    steps = [r["step"] for r in read_jsonl(metrics) if "train_loss" in r and "event" not in r]
+    steps = [r["step"] for r in read_metrics(metrics) if "train_loss" in r and "event" not in r]
     assert steps == sorted(set(steps))
 
 

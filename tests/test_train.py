@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from conftest import REPO, child_env, free_port, read_jsonl, run, smoke_args, torchrun
+from cnn.tracking import read_metrics
+from conftest import REPO, child_env, free_port, run, smoke_args, torchrun
 
 
 def _summary(run_dir):
@@ -18,7 +19,7 @@ def test_torchrun_two_ranks_learns(mnist_root, tmp_path):
     proc = run(torchrun(2, *smoke_args(mnist_root, run_dir, "data.train_subset=6400", "train.epochs=1",
                                        "train.log_every=10")))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r and "event" not in r]
+    records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r and "event" not in r]
     losses = [r["train_loss"] for r in records]
     assert len(losses) >= 4 and losses[-1] < 0.5 * losses[0], losses
     s = _summary(run_dir)

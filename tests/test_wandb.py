@@ -4,7 +4,8 @@ same run; a missing key or an unreachable server never breaks training."""
 import json
 import time
 
-from conftest import read_jsonl, run, torchrun
+from cnn.tracking import read_metrics
+from conftest import run, torchrun
 import wandb_records as wr
 
 SMALL = ("data.train_subset=2560", "train.batch_size=64", "train.epochs=1", "train.log_every=10",
@@ -49,7 +50,7 @@ def test_resume_continues_the_same_run_without_repeating_steps(mnist_root, tmp_p
     steps = [h["_step"] for f in files for h in wr.history(wr.records(f))]
     assert steps == sorted(set(steps)), f"steps repeated or going backwards: {steps}"
     # metrics.jsonl, too, holds each step once
-    train_steps = [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl") if "train_loss" in r and "event" not in r]
+    train_steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train_loss" in r and "event" not in r]
     assert train_steps == sorted(set(train_steps))
 
 
@@ -66,7 +67,7 @@ def test_online_without_key_or_server_keeps_training(mnist_root, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stderr.count("warning: W&B") == 1, proc.stderr  # one warning, not one per step
         assert json.loads((run_dir / "summary.json").read_text())["steps"] == 20
-        assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if "train_loss" in r][-1] == 20
+        assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r][-1] == 20
         assert took < 90, f"{case}: {took:.0f} s"
 
 
