@@ -68,12 +68,10 @@ class Window:
     """Train loss and accuracy summed on the device between log points: no host sync per step."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device = device
         self.loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.steps = 0
-        perf.sync(device)
-        self.t0 = time.perf_counter()
+        self.clock = perf.Clock(device)
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.loss += loss.detach().float()
@@ -88,16 +86,14 @@ class Window:
         if not math.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss ({loss}) in the last {self.steps} steps")
         acc, images = sums[1].item() / (self.steps * global_batch), self.steps * global_batch
-        perf.sync(self.device)
-        seconds = time.perf_counter() - self.t0
+        seconds = self.clock.seconds()
         self.loss.zero_(), self.correct.zero_()
         self.steps = 0
         return loss, acc, images, seconds
 
     def restart_clock(self) -> None:
         """Evaluation and checkpointing are not training time."""
-        perf.sync(self.device)
-        self.t0 = time.perf_counter()
+        self.clock.restart()
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:

@@ -14,6 +14,30 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class Clock:
+    """Elapsed training time: CUDA events on a GPU (device time, no host-side jitter),
+    perf_counter after a sync elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.restart()
+
+    def restart(self) -> None:
+        if self.cuda:
+            self.start = torch.cuda.Event(enable_timing=True)
+            self.start.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def seconds(self) -> float:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return self.start.elapsed_time(end) / 1e3
+        return time.perf_counter() - self.t0
+
+
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32, seconds: float = 0.6) -> float:
     """Achieved GFLOP/s of a large square matmul on this process's threads / device.
 
