@@ -240,7 +240,7 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
         static_graph=True,  # same graph every step: lets DDP skip per-step unused-parameter search
     )
-    model = torch.compile(ddp) if cfg.train.compile else ddp
+    model = torch.compile(ddp, mode=cfg.train.compile_mode) if cfg.train.compile else ddp
 
     # ---- outputs
     config_dict = config.to_dict(cfg)

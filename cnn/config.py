@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("onecycle", "cosine", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -59,6 +60,8 @@ class TrainConfig:
     """Optimizer steps between train-metric records (and loss finiteness checks)."""
     compile: bool = False
     """Wrap the model in torch.compile (slower on CPU here; try it on GPUs)."""
+    compile_mode: str = "default"
+    """torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs."""
     channels_last: bool = True
     """Use the channels_last memory format (about 15% faster on this CPU)."""
     threads: int = 0
@@ -208,6 +211,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.eval_batch_size >= 1, "train.eval_batch_size", f"must be >= 1, got {t.eval_batch_size}")
     _check(t.eval_every >= 0, "train.eval_every", f"must be >= 0, got {t.eval_every}")
     _check(t.log_every >= 1, "train.log_every", f"must be >= 1, got {t.log_every}")
+    _check(t.compile_mode in COMPILE_MODES, "train.compile_mode",
+           f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")

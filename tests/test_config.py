@@ -45,6 +45,7 @@ def test_wandb_agent_style_arguments():
         ("precision=fp8", "precision"),
         ("model.dropout=1.5", "model.dropout"),
         ("optim.schedule=step", "optim.schedule"),
+        ("train.compile_mode=fast", "train.compile_mode"),
         ("wandb.mode=sometimes", "wandb.mode"),
         ("checkpoint.resume=/no/such/file.pt", "checkpoint.resume"),
         ("checkpoint.keep=0", "checkpoint.keep"),
