@@ -1,6 +1,8 @@
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import torch.nn.functional as F
+
 from cnn.model import CNN, FORWARD_FLOPS_PER_IMAGE
 
 
@@ -50,3 +52,23 @@ def test_channels_last_gives_same_logits():
     ref = model(x)
     cl = model.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+
+
+def seed_order_features(model: CNN, x: torch.Tensor) -> torch.Tensor:
+    """The seed's block order, conv -> ReLU -> max-pool, with the model's own weights."""
+    for block, pad in zip(model.features, (0, 0, 1)):
+        x = F.max_pool2d(F.relu(block[0](x)), kernel_size=2, stride=2, padding=pad)
+    return x
+
+
+def test_blocks_compute_the_seeds_conv_relu_pool():
+    """Pool-then-ReLU is a speed-up, not a different network: same activations, same gradients."""
+    torch.manual_seed(0)
+    model = CNN()
+    x = torch.randn(16, 1, 28, 28)
+    ours = model.features(x)
+    ref = seed_order_features(model, x)
+    assert torch.equal(ours, ref)
+    (g_ours,) = torch.autograd.grad(ours.square().sum(), model.features[1][0].weight)
+    (g_ref,) = torch.autograd.grad(ref.square().sum(), model.features[1][0].weight)
+    torch.testing.assert_close(g_ours, g_ref)
