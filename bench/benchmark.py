@@ -6,7 +6,9 @@
 Runs, one after another in this process tree on this machine:
   (a) the tutorial's pipeline (bench/tutorial.py: DataLoader, batch 32, Adam 1e-3);
   (b) ours, default config, one process using every core;
-  (c) ours under torchrun --nproc_per_node=1 and =2, one thread per rank.
+  (c) ours under torchrun --nproc_per_node=1 and =2, one thread per rank: strong scaling
+      (the same global batch of 128, so 64 per rank on 2 ranks) and weak scaling (128 per
+      rank, global batch 256: the usual DDP way to add ranks).
 For each: steady-state images/s (warm-up excluded), seconds of training to 99.0% test
 accuracy (evaluated every ~15,000 images), achieved GFLOP/s and its fraction of a
 matmul roofline measured here in the same run, peak resident memory per rank.
@@ -86,24 +88,27 @@ def main() -> None:
             scal[1] = "train.max_steps=300"
         rows["ours_1rank"] = ours(Path(tmp) / "r1", 1, scal, 1)
         rows["ours_2rank"] = ours(Path(tmp) / "r2", 2, scal, 1)
+        rows["ours_2rank_weak"] = ours(Path(tmp) / "r2w", 2, [*scal, "train.batch_size=256"], 1)
     for name, row in rows.items():
-        roof = peak[1] * (2 if name == "ours_2rank" else 1) if name.endswith("rank") else peak[cores]
+        roof = peak[1] * (2 if "2rank" in name else 1) if "rank" in name else peak[cores]
         row["gflops"] = row["images_per_sec"] * TRAIN_FLOPS_PER_IMAGE / 1e9
         row["roofline_gflops"] = roof
         row["mfu"] = row["gflops"] / roof
     ratios = {
         "ours/tutorial images_per_sec": rows["ours"]["images_per_sec"] / rows["tutorial"]["images_per_sec"],
         "2rank/1rank scaling efficiency": rows["ours_2rank"]["images_per_sec"] / (2 * rows["ours_1rank"]["images_per_sec"]),
+        "2rank/1rank weak scaling efficiency": rows["ours_2rank_weak"]["images_per_sec"]
+        / (2 * rows["ours_1rank"]["images_per_sec"]),
     }
     if rows["ours"]["seconds_to_99"] and rows["tutorial"]["seconds_to_99"]:
         ratios["tutorial/ours seconds_to_99"] = rows["tutorial"]["seconds_to_99"] / rows["ours"]["seconds_to_99"]
 
     print(f"matmul roofline: {peak[cores]:.0f} GFLOP/s on {cores} threads, {peak[1]:.0f} on 1 thread")
-    print(f"{'pipeline':<12} {'images/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'s to 99%':>9} {'test acc':>9} {'peak RSS MiB':>13}")
+    print(f"{'pipeline':<15} {'images/s':>9} {'GFLOP/s':>8} {'MFU':>6} {'s to 99%':>9} {'test acc':>9} {'peak RSS MiB':>13}")
     for name, r in rows.items():
         t99 = f"{r['seconds_to_99']:.1f}" if r.get("seconds_to_99") else "-"
         acc = f"{r['test_accuracy']:.4f}" if r.get("test_accuracy") is not None else "-"
-        print(f"{name:<12} {r['images_per_sec']:>9.0f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} {t99:>9} {acc:>9} "
+        print(f"{name:<15} {r['images_per_sec']:>9.0f} {r['gflops']:>8.1f} {r['mfu']:>6.1%} {t99:>9} {acc:>9} "
               f"{r['peak_rss_mb']:>13.0f}")
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}")
