@@ -8,9 +8,10 @@ Runs, one after another in this process tree on this machine:
   (b) ours, default config, one process using every core;
   (c) ours under torchrun --nproc_per_node=1 and =2, one thread per rank: strong scaling
       (the same global batch of 128, so 64 per rank on 2 ranks) and weak scaling (128 per
-      rank, global batch 256: the usual DDP way to add ranks).
+      rank, global batch 256: the usual DDP way to add ranks); and, as the machine's own
+      ceiling for two busy cores, two independent one-thread jobs at once (no communication).
 For each: steady-state images/s (warm-up excluded), seconds of training to 99.0% test
-accuracy (evaluated every ~15,000 images), achieved GFLOP/s and its fraction of a
+accuracy (evaluated every 6,400 images), achieved GFLOP/s and its fraction of a
 matmul roofline measured here in the same run, peak resident memory per rank.
 Prints a table with the ratios and writes the same figures as JSON.
 """
@@ -34,23 +35,50 @@ from cnn.model import TRAIN_FLOPS_PER_IMAGE  # noqa: E402
 from cnn.perf import matmul_peak_gflops  # noqa: E402
 from cnn.tracking import read_metrics  # noqa: E402
 
-EVAL_IMAGES = 15_000  # evaluate about every 15k training images, in both pipelines
+EVAL_IMAGES = 6_400  # evaluate every 6,400 training images (50 of our steps, 200 of the tutorial's), in both
 
 
-def sh(cmd: list[str], threads: int | None = None) -> str:
+def start(cmd: list[str], threads: int | None = None) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate()
     if proc.returncode != 0:
-        sys.exit(f"benchmark step failed: {' '.join(cmd)}\n{proc.stderr[-2000:]}")
-    return proc.stdout
+        sys.exit(f"benchmark step failed: {' '.join(proc.args)}\n{err[-2000:]}")
+    return out
+
+
+def sh(cmd: list[str], threads: int | None = None) -> str:
+    return finish(start(cmd, threads))
+
+
+def ours_cmd(run_dir: Path, nproc: int | None, overrides: list[str]) -> list[str]:
+    launch = [sys.executable, "train_ddp.py"] if nproc is None else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_ddp.py"]
+    return [*launch, "--config", "configs/default.yaml", f"run.dir={run_dir}", "wandb.mode=disabled", *overrides]
 
 
 def ours(run_dir: Path, nproc: int | None, overrides: list[str], threads: int | None) -> dict:
-    launch = [sys.executable, "train_ddp.py"] if nproc is None else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train_ddp.py"]
-    sh([*launch, "--config", "configs/default.yaml", f"run.dir={run_dir}", "wandb.mode=disabled", *overrides], threads)
+    sh(ours_cmd(run_dir, nproc, overrides), threads)
+    return report(run_dir)
+
+
+def independent_pair(run_dir: Path, overrides: list[str]) -> dict:
+    """Two one-thread single-process jobs at the same time: what two busy cores give without DDP."""
+    procs = [start(ours_cmd(run_dir / str(i), None, overrides), 1) for i in range(2)]
+    for proc in procs:
+        finish(proc)
+    a, b = report(run_dir / "0"), report(run_dir / "1")
+    return {"images_per_sec": a["images_per_sec"] + b["images_per_sec"], "seconds_to_99": None,
+            "test_accuracy": None, "peak_rss_mb": max(a["peak_rss_mb"], b["peak_rss_mb"]),
+            "train_seconds": max(a["train_seconds"], b["train_seconds"])}
+
+
+def report(run_dir: Path) -> dict:
     summary = json.loads((run_dir / "summary.json").read_text())
     windows = [r["images_per_sec"] for r in read_metrics(run_dir) if "images_per_sec" in r and "event" not in r]
     steady = statistics.median(windows[1:] or windows)  # the first window holds the warm-up
@@ -89,8 +117,10 @@ def main() -> None:
         rows["ours_1rank"] = ours(Path(tmp) / "r1", 1, scal, 1)
         rows["ours_2rank"] = ours(Path(tmp) / "r2", 2, scal, 1)
         rows["ours_2rank_weak"] = ours(Path(tmp) / "r2w", 2, [*scal, "train.batch_size=256"], 1)
+        rows["2x1rank_nodist"] = independent_pair(Path(tmp) / "pair", scal)
     for name, row in rows.items():
-        roof = peak[1] * (2 if "2rank" in name else 1) if "rank" in name else peak[cores]
+        # one-thread rows against the one-thread roofline, times the number of processes
+        roof = peak[cores] if name in ("tutorial", "ours") else peak[1] * (1 if name == "ours_1rank" else 2)
         row["gflops"] = row["images_per_sec"] * TRAIN_FLOPS_PER_IMAGE / 1e9
         row["roofline_gflops"] = roof
         row["mfu"] = row["gflops"] / roof
@@ -99,6 +129,10 @@ def main() -> None:
         "2rank/1rank scaling efficiency": rows["ours_2rank"]["images_per_sec"] / (2 * rows["ours_1rank"]["images_per_sec"]),
         "2rank/1rank weak scaling efficiency": rows["ours_2rank_weak"]["images_per_sec"]
         / (2 * rows["ours_1rank"]["images_per_sec"]),
+        "machine ceiling: 2 independent jobs/2x1rank": rows["2x1rank_nodist"]["images_per_sec"]
+        / (2 * rows["ours_1rank"]["images_per_sec"]),
+        "DDP efficiency: 2rank_weak/2 independent jobs": rows["ours_2rank_weak"]["images_per_sec"]
+        / rows["2x1rank_nodist"]["images_per_sec"],
     }
     if rows["ours"]["seconds_to_99"] and rows["tutorial"]["seconds_to_99"]:
         ratios["tutorial/ours seconds_to_99"] = rows["tutorial"]["seconds_to_99"] / rows["ours"]["seconds_to_99"]

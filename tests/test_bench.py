@@ -13,9 +13,9 @@ def test_quick_benchmark_runs_and_reports(mnist_root, tmp_path):
                timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "ours/tutorial images_per_sec" in proc.stdout and "2rank/1rank scaling efficiency" in proc.stdout
-    assert "2rank/1rank weak scaling efficiency" in proc.stdout
+    assert "2rank/1rank weak scaling efficiency" in proc.stdout and "DDP efficiency" in proc.stdout
     result = json.loads(out.read_text())
-    assert set(result["rows"]) == {"tutorial", "ours", "ours_1rank", "ours_2rank", "ours_2rank_weak"}
+    assert set(result["rows"]) == {"tutorial", "ours", "ours_1rank", "ours_2rank", "ours_2rank_weak", "2x1rank_nodist"}
     for row in result["rows"].values():
         assert row["images_per_sec"] > 0 and 0 < row["mfu"] < 1.5 and row["peak_rss_mb"] > 0
 
