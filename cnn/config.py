@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 2
+    epochs: int = 1
     """Passes over the training set."""
     batch_size: int = 128
     """GLOBAL batch in images per optimizer step, split evenly over all ranks."""
@@ -72,7 +72,7 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 2e-3
+    lr: float = 4e-3
     """Peak Adam learning rate."""
     weight_decay: float = 0.0
     """Adam L2 weight decay."""

@@ -10,7 +10,12 @@ from conftest import REPO, child_env
 def test_schema_defaults():
     cfg = build()
     assert isinstance(cfg, Config)
-    assert cfg.train.batch_size == 128 and cfg.optim.lr == 2e-3 and cfg.precision == "auto"
+    assert cfg.train.batch_size == 128 and cfg.optim.lr == 4e-3 and cfg.precision == "auto"
+
+
+def test_default_yaml_spells_out_the_schema_defaults():
+    """`python train_ddp.py` with no --config runs the same recipe as configs/default.yaml."""
+    assert build(REPO / "configs" / "default.yaml") == build()
 
 
 def test_precedence_cli_over_file_over_schema(tmp_path):
