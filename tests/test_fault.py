@@ -14,8 +14,11 @@ from cnn.tracking import read_metrics
 from conftest import REPO, child_env, run, smoke_args, torchrun
 
 # 2 epochs of 40 steps (2560 images, global batch 64); checkpoints and logs every 10 steps.
+# The LR is pinned so that these runs do not move with the default recipe: the cross-world-size
+# tolerance below was measured at 2e-3 (a larger step amplifies reduction-order noise).
 SMALL = ("data.train_subset=2560", "train.batch_size=64", "train.epochs=2", "train.log_every=10",
-         "checkpoint.every_steps=10", "checkpoint.keep=10", "train.record_samples=true", "precision=fp32")
+         "checkpoint.every_steps=10", "checkpoint.keep=10", "train.record_samples=true", "precision=fp32",
+         "optim.lr=2e-3")
 
 
 def _final_weights(run_dir):
