@@ -285,15 +285,16 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
                 )
                 log(f"checkpoint {path}")
 
-        def run_eval():
-            ev = evaluate(raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast)
+        def run_eval(keep_predictions: bool = False):
+            ev = evaluate(raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast,
+                          keep_predictions=keep_predictions)
             history["best_test_accuracy"] = max(history["best_test_accuracy"], ev.accuracy)
             if ev.accuracy >= 0.99 and history["seconds_to_99"] is None:
                 history["seconds_to_99"] = history["train_seconds"]  # training time only, evaluations excluded
             return ev
 
-        def end_epoch(step: int, epoch: int, train_loss: float, train_acc: float, say) -> None:
-            ev = run_eval()
+        def end_epoch(step: int, epoch: int, train_loss: float, train_acc: float, say):
+            ev = run_eval(keep_predictions=step == total_steps)  # the last one is also the final evaluation
             epoch_seconds = history["train_seconds"] - history["epoch_start"][0]
             epoch_tp = perf.throughput(history["images"] - history["epoch_start"][1], epoch_seconds, peak_gflops)
             history["epoch_start"] = (history["train_seconds"], history["images"])
@@ -304,11 +305,12 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
                 f"test loss {ev.loss:.4f} acc {ev.accuracy:.4f} ({ev.count} images) | "
                 f"{epoch_tp['images_per_sec']:.0f} img/s, {epoch_seconds:.1f} s")
             save_checkpoint(step)
+            return ev
 
         # ---- the loop
         bar = tqdm(total=total_steps, initial=start_step, disable=not (d.is_main and sys.stdout.isatty()), unit="step")
         say = bar.write if not bar.disable else log
-        window, share, share_epoch = Window(d.device), None, -1
+        window, share, share_epoch, last_ev = Window(d.device), None, -1, None
         step = start_step
         while step < total_steps:
             epoch, s = divmod(step, spe)
@@ -352,7 +354,7 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
                     tracker.log({"event": "eval", "step": step, "epoch": epoch, "test_loss": ev.loss,
                                  "test_accuracy": ev.accuracy, "eval_count": ev.count})
                 if epoch_end:
-                    end_epoch(step, epoch, train_loss, train_acc, say)
+                    last_ev = end_epoch(step, epoch, train_loss, train_acc, say)
                 window.restart_clock()
             if cfg.checkpoint.every_steps and step % cfg.checkpoint.every_steps == 0 and not epoch_end:
                 save_checkpoint(step)
@@ -364,7 +366,9 @@ def train(cfg: Config, d: distributed.Dist, stop: StopRequest) -> int:
         bar.close()
 
         # ---- final evaluation and summary
-        ev = evaluate(raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast, keep_predictions=True)
+        # the last epoch's evaluation; a run that started at its final step (a finished run re-run) evaluates here
+        ev = last_ev if last_ev is not None and last_ev.predictions is not None else evaluate(
+            raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast, keep_predictions=True)
         shards = [None] * d.world_size
         dist.all_gather_object(shards, ev.predictions.cpu())  # rank order = test-set order
         if d.is_main:
