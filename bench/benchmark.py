@@ -111,9 +111,8 @@ def main() -> None:
         rows["tutorial"] = json.loads(sh([sys.executable, "bench/tutorial.py", *tut], cores).strip().splitlines()[-1])
         rows["ours"] = ours(Path(tmp) / "ours", None,
                             [*common, f"train.eval_every={0 if args.quick else eval_every}"], cores)
-        scal = [*common, "train.threads=1", "train.eval_every=0"]
-        if not args.quick:
-            scal[1] = "train.max_steps=300"
+        scal = [f"data.root={args.root}", f"train.max_steps={120 if args.quick else 300}", "train.threads=1",
+                "train.eval_every=0"]
         rows["ours_1rank"] = ours(Path(tmp) / "r1", 1, scal, 1)
         rows["ours_2rank"] = ours(Path(tmp) / "r2", 2, scal, 1)
         rows["ours_2rank_weak"] = ours(Path(tmp) / "r2w", 2, [*scal, "train.batch_size=256"], 1)

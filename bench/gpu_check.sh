@@ -45,8 +45,8 @@ timeout 180 python3 train_ddp.py data.root="$ROOT" run.dir="$dir" precision=bf16
   train.epochs=3 train.eval_every=20 train.log_every=20 train.compile=true train.compile_mode=reduce-overhead \
   > "$dir.log" 2>&1 && python3 - "$dir" <<'PY' | tee -a "$OUT/gpu_check.txt" || { echo "bf16 compiled FAILED"; tail -5 "$dir.log"; }
 import json, statistics, sys
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl")]
-ips = [r["images_per_sec"] for r in rows if "images_per_sec" in r and "event" not in r][1:]
+from cnn.tracking import read_metrics
+ips = [r["images_per_sec"] for r in read_metrics(sys.argv[1]) if "images_per_sec" in r and "event" not in r][1:]
 s = json.load(open(sys.argv[1] + "/summary.json"))
 print(f"bf16+reduce-overhead steady {statistics.median(ips):.0f} images/s, test acc {s['test_accuracy']:.4f}")
 PY

@@ -16,7 +16,7 @@ def sync(device: torch.device) -> None:
 
 class Clock:
     """Elapsed training time: CUDA events on a GPU (device time, no host-side jitter),
-    perf_counter after a sync elsewhere."""
+    perf_counter elsewhere."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
