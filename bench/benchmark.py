@@ -1,7 +1,7 @@
 """Side-by-side benchmark: the tutorial's pipeline vs ours, and 1 vs 2 ranks.
 
-    python bench/benchmark.py            # full: time-to-99% for both (about 6 minutes on 2 cores)
-    python bench/benchmark.py --quick    # seconds: throughput only, for CI
+    python bench/benchmark.py            # full: time-to-99% for both (about 7 minutes on 2 cores)
+    python bench/benchmark.py --quick    # about a minute: proves the script runs and computes its ratios (CI)
 
 Runs, one after another in this process tree on this machine:
   (a) the tutorial's pipeline (bench/tutorial.py: DataLoader, batch 32, Adam 1e-3);
@@ -33,8 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from cnn.model import TRAIN_FLOPS_PER_IMAGE  # noqa: E402
 from cnn.perf import matmul_peak_gflops  # noqa: E402
-from cnn.tracking import read_metrics  # noqa: E402
+from cnn.rundir import read_metrics, read_summary  # noqa: E402
 
+QUICK_STEPS = 30  # --quick: three log windows of 10 steps, a median of the last two; no time-to-99
 EVAL_IMAGES = 6_400  # evaluate every 6,400 training images (50 of our steps, 200 of the tutorial's), in both
 
 
@@ -79,8 +80,8 @@ def independent_pair(run_dir: Path, overrides: list[str]) -> dict:
 
 
 def report(run_dir: Path) -> dict:
-    summary = json.loads((run_dir / "summary.json").read_text())
-    windows = [r["images_per_sec"] for r in read_metrics(run_dir) if "images_per_sec" in r and "event" not in r]
+    summary = read_summary(run_dir)
+    windows = [r["images_per_sec"] for r in read_metrics(run_dir, "train")]
     steady = statistics.median(windows[1:] or windows)  # the first window holds the warm-up
     return {"images_per_sec": steady, "seconds_to_99": summary["seconds_to_99"],
             "test_accuracy": summary["test_accuracy"], "peak_rss_mb": summary["peak_rss_mb"],
@@ -95,24 +96,27 @@ def main() -> None:
     args = p.parse_args()
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
-    peak = {cores: matmul_peak_gflops(torch.device("cpu"), seconds=1.0)}
+    roof_s = 0.2 if args.quick else 1.0
+    peak = {cores: matmul_peak_gflops(torch.device("cpu"), seconds=roof_s)}
     torch.set_num_threads(1)
-    peak[1] = matmul_peak_gflops(torch.device("cpu"), seconds=1.0)
+    peak[1] = matmul_peak_gflops(torch.device("cpu"), seconds=roof_s)
     torch.set_num_threads(cores)
 
-    steps = "train.max_steps=120" if args.quick else "train.max_steps=0"
-    common = [f"data.root={args.root}", steps]
+    # the runs need no roofline of their own (this script measures it once); --quick evaluates 1,000 images
+    quick = ["data.test_subset=1000", "train.log_every=10"] if args.quick else []
+    steps = f"train.max_steps={QUICK_STEPS if args.quick else 0}"
+    common = [f"data.root={args.root}", steps, "train.roofline=false", *quick]
     eval_every = EVAL_IMAGES // 128
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        tut = ["--root", args.root, "--epochs", "0.1" if args.quick else "3"]
+        tut = ["--root", args.root, "--epochs", "0.05" if args.quick else "3"]
         if not args.quick:
             tut += ["--eval-every", str(EVAL_IMAGES)]
         rows["tutorial"] = json.loads(sh([sys.executable, "bench/tutorial.py", *tut], cores).strip().splitlines()[-1])
         rows["ours"] = ours(Path(tmp) / "ours", None,
                             [*common, f"train.eval_every={0 if args.quick else eval_every}"], cores)
-        scal = [f"data.root={args.root}", f"train.max_steps={120 if args.quick else 300}", "train.threads=1",
-                "train.eval_every=0"]
+        scal = [f"data.root={args.root}", f"train.max_steps={QUICK_STEPS if args.quick else 300}", "train.threads=1",
+                "train.eval_every=0", "train.roofline=false", *quick]
         rows["ours_1rank"] = ours(Path(tmp) / "r1", 1, scal, 1)
         rows["ours_2rank"] = ours(Path(tmp) / "r2", 2, scal, 1)
         rows["ours_2rank_weak"] = ours(Path(tmp) / "r2w", 2, [*scal, "train.batch_size=256"], 1)

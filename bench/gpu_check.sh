@@ -30,9 +30,10 @@ for prec in fp32 bf16 fp16; do
     timeout 120 "${cmd[@]}" data.root="$ROOT" run.dir="$dir" precision="$prec" train.batch_size=512 \
       optim.lr=4e-3 train.epochs=3 train.eval_every=20 train.log_every=20 > "$dir.log" 2>&1 \
       || { echo "$prec $launch FAILED"; tail -5 "$dir.log"; continue; }
-    python3 - "$dir/summary.json" "$prec" "$launch" <<'PY' | tee -a "$OUT/gpu_check.txt"
-import json, sys
-s = json.load(open(sys.argv[1]))
+    python3 - "$dir" "$prec" "$launch" <<'PY' | tee -a "$OUT/gpu_check.txt"
+import sys
+from cnn.rundir import read_summary
+s = read_summary(sys.argv[1])
 t99 = f"{s['seconds_to_99']:.2f}" if s["seconds_to_99"] else "-"
 print(f"{sys.argv[2]:<9} {sys.argv[3]:<9} {s['images_per_sec']:>10.0f} {t99:>9} {s['test_accuracy']:>9.4f}")
 PY
@@ -44,10 +45,10 @@ dir="$OUT/run-bf16-compiled"
 timeout 180 python3 train_ddp.py data.root="$ROOT" run.dir="$dir" precision=bf16 train.batch_size=512 optim.lr=4e-3 \
   train.epochs=3 train.eval_every=20 train.log_every=20 train.compile=true train.compile_mode=reduce-overhead \
   > "$dir.log" 2>&1 && python3 - "$dir" <<'PY' | tee -a "$OUT/gpu_check.txt" || { echo "bf16 compiled FAILED"; tail -5 "$dir.log"; }
-import json, statistics, sys
-from cnn.tracking import read_metrics
-ips = [r["images_per_sec"] for r in read_metrics(sys.argv[1]) if "images_per_sec" in r and "event" not in r][1:]
-s = json.load(open(sys.argv[1] + "/summary.json"))
+import statistics, sys
+from cnn.rundir import read_metrics, read_summary
+ips = [r["images_per_sec"] for r in read_metrics(sys.argv[1], "train")][1:]
+s = read_summary(sys.argv[1])
 print(f"bf16+reduce-overhead steady {statistics.median(ips):.0f} images/s, test acc {s['test_accuracy']:.4f}")
 PY
 echo "figures in $OUT/gpu_check.txt"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cnn.config import WandbConfig  # noqa: E402
+from cnn.rundir import RunDir, record  # noqa: E402
 from cnn.tracking import Tracker  # noqa: E402
 
 
@@ -23,10 +24,10 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        tracker = Tracker(tmp, WandbConfig(mode=args.mode), {"a": 1}, group="")
+        tracker = Tracker(RunDir(tmp), "a: 1\n", WandbConfig(mode=args.mode), {"a": 1}, group="")
         t1 = time.perf_counter()
         for step in range(1, args.steps + 1):
-            tracker.log({"step": step, "epoch": 0, "train_loss": 1.0 / step, "train_accuracy": 0.5, "lr": 1e-3})
+            tracker.log(record("train", step, 0, train_loss=1.0 / step, train_accuracy=0.5, lr=1e-3))
         t2 = time.perf_counter()
         tracker.finish()
         t3 = time.perf_counter()

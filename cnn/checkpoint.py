@@ -1,31 +1,38 @@
-"""Atomic checkpoints and resume.
+"""Checkpoints: atomic writes on global rank 0, validation, and the resume policy.
 
-Global rank 0 writes ``<run.dir>/checkpoints/step-XXXXXXXX.pt``: temp file in
-the same folder, flush + fsync, ``os.replace``, fsync of the folder; then only
-the newest ``keep`` are kept.  A kill at any moment leaves the previous
-checkpoint intact.
+Global rank 0 writes ``<run.dir>/checkpoints/step-XXXXXXXX.pt`` through
+``cnn.files.write_atomic`` (temp file, fsync, rename, fsync of the folder), then
+keeps only the newest ``checkpoint.keep``: a kill at any moment leaves the
+previous checkpoint intact.  Other ranks hold a ``NullSaver``.
 
-Rank 0 also reads them and broadcasts the state to the other ranks, so nodes
-that do not share a filesystem resume too.
-
-The dropout masks are seeded from (seed, step, rank) at every step (see
-``train_ddp.step_seed``), and the data order is a pure function of (seed, epoch),
-so a checkpoint needs no RNG state to continue identically.
+``resume()`` is the policy: rank 0 picks the checkpoint (``checkpoint.resume``:
+auto | never | a path), validates it (readable, ours, not newer, weights that fit
+the model, a config that matches where it must), and broadcasts it, so nodes that
+do not share a filesystem resume too.  Dropout masks are seeded from (seed, step,
+rank) at every step (``data.sharding.step_seed``) and the data order is a pure
+function of (seed, epoch), so a checkpoint needs no RNG state to continue
+identically.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
+from cnn import distributed
+from cnn.files import write_atomic
+from cnn.model import CNN
+
 FORMAT_VERSION = 1
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
 REQUIRED = ("format_version", "model", "optimizer", "scaler", "step", "epoch", "step_in_epoch", "config")
+# Config keys that must match between a checkpoint and the run resuming from it:
+# anything else would silently make a different training run.
+RESUME_MUST_MATCH = ("seed", "model", "optim", "data.train_subset", "train.batch_size", "train.epochs")
 
 
 class CheckpointError(RuntimeError):
@@ -48,30 +55,10 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return sorted((p for p in d.iterdir() if PATTERN.match(p.name)), reverse=True)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save(state: dict[str, Any], run_dir: str | os.PathLike, keep: int) -> Path:
     """Write state atomically as step-<state['step']>.pt and prune to `keep` files."""
-    d = folder(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    final = path_for(run_dir, state["step"])
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=f".{final.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-        _fsync_dir(d)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    final = write_atomic(path_for(run_dir, state["step"]),
+                         lambda f: torch.save({"format_version": FORMAT_VERSION, **state}, f))
     for old in list_checkpoints(run_dir)[keep:]:
         old.unlink(missing_ok=True)
     return final
@@ -120,3 +107,69 @@ def find_resume(
         except CheckpointError as exc:
             warn(f"skipping {exc}; trying an older checkpoint")
     return None
+
+
+def check_config(saved: dict[str, Any], now: dict[str, Any], source: str) -> None:
+    """Refuse to resume a different training run: the RESUME_MUST_MATCH keys must be equal."""
+    for key in RESUME_MUST_MATCH:
+        a, b = saved, now
+        for part in key.split("."):
+            a, b = a.get(part), b.get(part)
+        if a != b:
+            raise CheckpointError(
+                f"{source}: {key} was {a} when saved but is {b} now; use a new run.dir or checkpoint.resume=never"
+            )
+
+
+def _fits_model(state_dict: dict) -> None:
+    CNN().load_state_dict(state_dict)
+
+
+def resume(resume_from: str, config: dict[str, Any], run_dir: Path, is_main: bool,
+           warn: Callable[[str], None]) -> dict[str, Any] | None:
+    """The checkpoint state this run continues from, on every rank (None: start fresh).
+
+    Rank 0 picks, reads and validates it, then broadcasts it (or its error, which
+    every rank raises as CheckpointError): nodes need not share a filesystem.
+    """
+    payload: dict[str, Any] | str | None = None
+    if is_main:
+        try:
+            payload = find_resume(resume_from, run_dir, _fits_model, warn)
+            if payload is not None:
+                check_config(payload["config"], config, str(resume_from if resume_from != "auto" else run_dir))
+        except CheckpointError as exc:
+            payload = str(exc)
+    payload = distributed.broadcast_object(payload)
+    if isinstance(payload, str):
+        raise CheckpointError(payload)
+    return payload
+
+
+class NullSaver:
+    """What ranks other than 0 get: saving does nothing."""
+
+    def save(self, step: int, extra: dict[str, Any]) -> Path | None:
+        return None
+
+
+class Saver(NullSaver):
+    """Global rank 0's checkpoint writer, bound to the live training objects."""
+
+    def __init__(self, run_dir: Path, keep: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, config: dict[str, Any], world_size: int, steps_per_epoch: int) -> None:
+        self.run_dir, self.keep = run_dir, keep
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.config, self.world_size, self.spe = config, world_size, steps_per_epoch
+
+    def save(self, step: int, extra: dict[str, Any]) -> Path:
+        """The raw model's state_dict (loads without DDP or compile), optimizer, scaler, position, config."""
+        return save({
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(), "step": step, "epoch": step // self.spe,
+            "step_in_epoch": step % self.spe, "config": self.config, "world_size": self.world_size, **extra,
+        }, self.run_dir, self.keep)
+
+
+def make_saver(is_main: bool, *args: Any) -> NullSaver:
+    return Saver(*args) if is_main else NullSaver()

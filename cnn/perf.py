@@ -1,10 +1,13 @@
-"""Throughput accounting: a matmul roofline measured on the spot, and MFU."""
+"""Throughput accounting: a matmul roofline measured on the spot, MFU, training windows, memory."""
 
 from __future__ import annotations
 
+import math
+import resource
 import time
 
 import torch
+import torch.distributed as dist
 
 from cnn.model import TRAIN_FLOPS_PER_IMAGE
 
@@ -72,3 +75,52 @@ def throughput(images: int, seconds: float, peak_gflops: float) -> dict[str, flo
         "gflops": gflops,
         "mfu": gflops / peak_gflops if peak_gflops > 0 else 0.0,
     }
+
+
+def job_peak_gflops(device: torch.device, dtype: torch.dtype, measure: bool = True) -> float:
+    """The job's roofline: the sum of every rank's measured peak (each rank's share of the
+    machines); 0 when not measured (train.roofline=false: MFU is then reported as 0)."""
+    peak = torch.tensor([matmul_peak_gflops(device, dtype) if measure else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(peak)
+    return float(peak.item())
+
+
+def peak_rss_mb(device: torch.device) -> float:
+    """The largest peak resident memory of any rank, in MiB (collective)."""
+    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class Window:
+    """Train loss and accuracy summed on the device between log points: no host sync per step."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.steps = 0
+        self.clock = Clock(device)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
+        self.loss += loss.detach().float()
+        self.correct += (logits.argmax(dim=1) == y).sum()
+        self.steps += 1
+
+    def close(self, world_size: int, global_batch: int) -> tuple[float, float, int, float]:
+        """(mean train loss, accuracy, images, seconds) over all ranks since the last close (collective).
+
+        Raises FloatingPointError on a non-finite loss, on every rank alike."""
+        sums = torch.stack([self.loss, self.correct.float()])
+        dist.all_reduce(sums)  # the whole job's figures, not rank 0's
+        loss = sums[0].item() / (self.steps * world_size)
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss ({loss}) in the last {self.steps} steps")
+        acc, images = sums[1].item() / (self.steps * global_batch), self.steps * global_batch
+        seconds = self.clock.seconds()
+        self.loss.zero_(), self.correct.zero_()
+        self.steps = 0
+        return loss, acc, images, seconds
+
+    def restart_clock(self) -> None:
+        """Evaluation and checkpointing are not training time."""
+        self.clock.restart()

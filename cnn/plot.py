@@ -11,18 +11,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from omegaconf import OmegaConf
-
-from cnn.tracking import read_metrics
+from cnn.rundir import METRICS, PREDICTIONS, RunDir
 
 GRID = (4, 8)  # rows x columns of test images in predictions.png
 
 
-def curves(run_dir: Path, plt) -> list[Path]:
-    recs = read_metrics(run_dir)
-    train = [r for r in recs if "train_loss" in r and "event" not in r]
-    evals = [r for r in recs if "test_accuracy" in r]
+def curves(run: RunDir, plt) -> list[Path]:
+    train, evals = run.read_metrics("train"), run.read_metrics("eval", "epoch")
     written = []
     for metric, name in (("loss", "loss.png"), ("accuracy", "accuracy.png")):
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -35,18 +30,17 @@ def curves(run_dir: Path, plt) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(run_dir / name, dpi=100)
+        fig.savefig(run.file(name), dpi=100)
         plt.close(fig)
-        written.append(run_dir / name)
+        written.append(run.file(name))
     return written
 
 
-def prediction_grid(run_dir: Path, plt) -> Path:
+def prediction_grid(run: RunDir, plt) -> Path:
     from data import mnist
 
-    root = OmegaConf.load(run_dir / "config.yaml").data.root
-    images, labels = mnist.load(root, train=False)
-    preds = torch.load(run_dir / "predictions.pt", weights_only=True)
+    images, labels = mnist.load(run.read_config()["data"]["root"], train=False)
+    preds = run.read_predictions()
     rows, cols = GRID
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.2, rows * 1.4))
     for i, ax in enumerate(axes.flat):
@@ -56,7 +50,7 @@ def prediction_grid(run_dir: Path, plt) -> Path:
         ax.axis("off")
     fig.suptitle("predicted / true")
     fig.tight_layout()
-    out = run_dir / "predictions.png"
+    out = run.file("predictions.png")
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
@@ -66,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    if not (args.run_dir / "metrics.jsonl").is_file():
-        print(f"error: {args.run_dir} has no metrics.jsonl (not a run folder?)", file=sys.stderr)
+    run = RunDir(args.run_dir)
+    if not run.file(METRICS).is_file():
+        print(f"error: {args.run_dir} has no {METRICS} (not a run folder?)", file=sys.stderr)
         return 2
     try:
         import matplotlib
@@ -77,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: matplotlib is needed: pip install -e '.[plot]'", file=sys.stderr)
         return 2
-    written = curves(args.run_dir, plt)
-    if (args.run_dir / "predictions.pt").is_file():
-        written.append(prediction_grid(args.run_dir, plt))
+    written = curves(run, plt)
+    if run.file(PREDICTIONS).is_file():
+        written.append(prediction_grid(run, plt))
     print("\n".join(str(p) for p in written))
     return 0
 

@@ -1,34 +1,33 @@
 """Metrics: one tracker on global rank 0, a null tracker with the same interface elsewhere.
 
-The rank-0 ``Tracker`` always writes ``<run.dir>/metrics.jsonl`` (one JSON object
-per event, each with ``step`` and ``epoch``) and ``summary.json``, and streams
-the same records to Weights & Biases when it can.  W&B is never allowed to break
-training: a failure at init or at log time becomes one warning, the run carries
-on with the local files, and an unreachable server costs at most
-``wandb.init_timeout_s`` seconds before falling back to offline mode.
+The rank-0 ``Tracker`` writes the resolved config.yaml, always appends to the run folder's metrics.jsonl and
+writes summary.json (``cnn.rundir`` owns both), and streams the same records to
+Weights & Biases when it can.  W&B is never allowed to break training: a failure
+at init or at log time becomes one warning, the run carries on with the local
+files, and an unreachable server costs at most ``wandb.init_timeout_s`` seconds
+before falling back to offline mode.  ``job_facts`` gathers what W&B and the
+summary say about the job (world size, hosts, device, commit...).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
+import socket
 import string
-import sys
+import subprocess
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from cnn import console
 from cnn.config import WandbConfig
+from cnn.rundir import RunDir
 
-RUN_ID_FILE = "wandb_run_id.txt"
 GRID_IMAGES = 32  # test images shown with their predicted and true labels
-
-
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 def _api_key_configured() -> bool:
@@ -46,7 +45,6 @@ class NullTracker:
     """What ranks other than 0 get: every call does nothing."""
 
     run_id: str | None = None
-    resumed_step: int = -1
 
     def log(self, record: dict[str, Any], stream: bool = True) -> None: ...
     def summary(self, values: dict[str, Any]) -> None: ...
@@ -56,14 +54,13 @@ class NullTracker:
 
 
 class Tracker(NullTracker):
-    def __init__(self, run_dir: str | os.PathLike, cfg: WandbConfig, config: dict[str, Any], group: str) -> None:
-        self.dir = Path(run_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path = self.dir / "metrics.jsonl"
-        self._jsonl = open(self.metrics_path, "a", buffering=1)  # line-buffered: a crash loses at most a line
+    def __init__(self, run: RunDir, config_yaml: str, cfg: WandbConfig, config: dict[str, Any], group: str) -> None:
+        self.run = run.create()
+        self.run.write_config(config_yaml)
+        self.metrics = run.metrics_log()
         self._wandb = None
-        self.run_id = None
         self.wandb_every = cfg.log_every
+        self.resumed_step = -1  # W&B already holds the steps up to this one: never log them again
         self._init_wandb(cfg, config, group)
 
     # ---------------------------------------------------------------- W&B
@@ -74,13 +71,11 @@ class Tracker(NullTracker):
         try:
             import wandb
         except Exception as exc:  # pragma: no cover - wandb is a dependency
-            _warn(f"W&B unavailable ({exc}); metrics go to {self.metrics_path} only")
+            console.warn(f"W&B unavailable ({exc}); metrics go to {self.metrics.path} only")
             return
         if mode == "online" and not _api_key_configured():
-            _warn("W&B online mode but no API key (run `wandb login` or set WANDB_API_KEY); logging offline instead")
+            console.warn("W&B online mode but no API key (run `wandb login` or set WANDB_API_KEY); logging offline instead")
             mode = "offline"
-        id_file = self.dir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if id_file.exists() else _new_run_id()
         kwargs = dict(
             project=cfg.project,
             entity=cfg.entity or None,
@@ -89,8 +84,8 @@ class Tracker(NullTracker):
             tags=list(cfg.tags) or None,
             notes=cfg.notes or None,
             config=config,
-            dir=str(self.dir),
-            id=run_id,
+            dir=str(self.run.path),
+            id=self.run.read_wandb_id() or _new_run_id(),
             resume="allow",
         )
         for attempt in ([mode, "offline"] if mode == "online" else [mode]):
@@ -102,15 +97,15 @@ class Tracker(NullTracker):
                 break
             except Exception as exc:
                 first = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
-                nxt = "retrying offline" if attempt == "online" else f"metrics go to {self.metrics_path} only"
-                _warn(f"W&B init failed in {attempt} mode ({type(exc).__name__}: {first}); {nxt}")
+                nxt = "retrying offline" if attempt == "online" else f"metrics go to {self.metrics.path} only"
+                console.warn(f"W&B init failed in {attempt} mode ({type(exc).__name__}: {first}); {nxt}")
                 try:  # forget the half-made run, or the retry finds its id "in use"
                     wandb.teardown()
                 except Exception:
                     pass
         if self._wandb is not None:
             self.run_id = self._wandb.id
-            id_file.write_text(self.run_id + "\n")
+            self.run.write_wandb_id(self.run_id)
             # after a resume W&B knows the last step logged; never log at or below it again
             self.resumed_step = int(getattr(self._wandb, "step", 0) or 0) - 1
 
@@ -120,43 +115,32 @@ class Tracker(NullTracker):
         try:
             fn(*args, **kwargs)
         except Exception as exc:
-            _warn(f"W&B call failed ({type(exc).__name__}: {str(exc)[:200]}); continuing without W&B")
+            console.warn(f"W&B call failed ({type(exc).__name__}: {str(exc)[:200]}); continuing without W&B")
             self._wandb = None
 
     # ---------------------------------------------------------------- API
     def log(self, record: dict[str, Any], stream: bool = True) -> None:
-        """Append record (which has 'step') to metrics.jsonl and, if `stream`, send it to W&B."""
-        self._jsonl.write(json.dumps(record) + "\n")
+        """Append record (see cnn.rundir.record) to metrics.jsonl and, if `stream`, send it to W&B."""
+        self.metrics.append(record)
         step = record["step"]
-        thinned = "event" not in record and self.wandb_every and step % self.wandb_every
+        thinned = record["event"] == "train" and self.wandb_every and step % self.wandb_every
         if self._wandb is not None and stream and step > self.resumed_step and not thinned:
             payload = {k: v for k, v in record.items() if k not in ("step", "event") and isinstance(v, (int, float))}
             self._wandb_call(self._wandb.log, payload, step=step)
 
     def truncate_after(self, step: int) -> None:
-        """Drop records past `step` (left by an attempt that died after its last checkpoint)."""
-        self._jsonl.close()
-        lines = self.metrics_path.read_text().splitlines(keepends=True)
-        # W&B already holds the dropped steps (offline it cannot tell us): never log them twice
-        steps = [(ln, _record_step(ln)) for ln in lines if ln.strip()]
-        self.resumed_step = max([self.resumed_step, *(s for _, s in steps if s is not None)])
-        kept = [ln for ln, s in steps if s is not None and s <= step]  # a torn last line goes too
-        tmp = self.metrics_path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.metrics_path)
-        self._jsonl = open(self.metrics_path, "a", buffering=1)
+        """Drop records past `step`; W&B already holds them (offline it cannot tell us): never log them twice."""
+        self.resumed_step = max(self.resumed_step, self.metrics.truncate_after(step))
 
     def summary(self, values: dict[str, Any]) -> None:
-        tmp = self.dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(values, indent=2) + "\n")
-        os.replace(tmp, self.dir / "summary.json")
+        self.run.write_summary(values)
         if self._wandb is not None:
             self._wandb_call(self._wandb.summary.update, values)
 
     def predictions(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
         """The seed's figures: a grid of test images with predicted/true labels, and a
         confusion matrix.  preds go to predictions.pt for `python -m cnn.plot` too."""
-        torch.save(preds.to(torch.uint8), self.dir / "predictions.pt")
+        self.run.write_predictions(preds)
         if self._wandb is None:
             return
 
@@ -172,21 +156,13 @@ class Tracker(NullTracker):
         self._wandb_call(build)
 
     def finish(self, exit_code: int = 0) -> None:
-        self._jsonl.close()
+        self.metrics.close()
         if self._wandb is not None:
             run, self._wandb = self._wandb, None
             try:
                 run.finish(exit_code=exit_code)
             except Exception as exc:
-                _warn(f"W&B finish failed ({type(exc).__name__}: {str(exc)[:200]})")
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (or a run folder holding one), in order."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                console.warn(f"W&B finish failed ({type(exc).__name__}: {str(exc)[:200]})")
 
 
 def _new_run_id() -> str:
@@ -194,12 +170,38 @@ def _new_run_id() -> str:
     return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
-def _record_step(line: str) -> int | None:
+def make_tracker(is_main: bool, run: RunDir, config_yaml: str, cfg: WandbConfig, config: dict[str, Any],
+                 group: str) -> NullTracker:
+    """The run's resolved config, metrics and W&B run on rank 0; a NullTracker elsewhere."""
+    return Tracker(run, config_yaml, cfg, config, group) if is_main else NullTracker()
+
+
+def git_commit() -> str:
+    """The code's commit, for filtering runs in W&B ('' outside a git checkout)."""
     try:
-        return int(json.loads(line)["step"])
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
 
 
-def make_tracker(is_main: bool, run_dir: str | os.PathLike, cfg: WandbConfig, config: dict[str, Any], group: str):
-    return Tracker(run_dir, cfg, config, group) if is_main else NullTracker()
+def job_facts(d, precision: str, global_batch: int, peak_gflops: float, steps_per_epoch: int,
+              total_steps: int) -> dict[str, Any]:
+    """What the job is and where it runs, for the start record, W&B's config and the summary.
+
+    Collective: every rank takes part (the placement is all-gathered), so that the
+    summary shows which hosts and SLURM nodes actually took part.
+    """
+    placement: list[Any] = [None] * d.world_size
+    dist.all_gather_object(placement, (d.rank, socket.gethostname(), os.environ.get("SLURM_NODEID")))
+    return {
+        "world_size": d.world_size, "nodes": d.num_nodes, "backend": d.backend, "launcher": d.launcher,
+        "device_name": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
+        "precision": precision, "global_batch_size": global_batch, "per_rank_batch_size": global_batch // d.world_size,
+        "torch_version": torch.__version__, "threads_per_rank": torch.get_num_threads(),
+        "peak_gflops": peak_gflops, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        "git_commit": git_commit(),
+        "hosts": sorted({host for _, host, _ in placement}),
+        "slurm_node_ids": sorted({int(n) for _, _, n in placement if n is not None}),
+    }

@@ -72,6 +72,12 @@ def batch_indices(share: torch.Tensor, step_in_epoch: int, per_rank_batch: int) 
     return share[start : start + per_rank_batch]
 
 
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The RNG seed of one rank's step (dropout masks): a pure function of (seed, step, rank),
+    so a resumed run draws the same masks without saving RNG state."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
 def eval_shard(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of the test set evaluated by this rank: contiguous, no padding.
 

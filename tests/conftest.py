@@ -51,5 +51,7 @@ def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.Complete
 
 
 def smoke_args(root: Path, run_dir: Path, *more: str) -> list[str]:
-    """A small, fast training run: W&B off unless overridden."""
-    return [f"data.root={root}", f"run.dir={run_dir}", "wandb.mode=disabled", *more]
+    """A small, fast training run: W&B off, no roofline measurement, 1,000 test images
+    (each can be overridden: data.test_subset=0 where counting all 10,000 is the point)."""
+    return [f"data.root={root}", f"run.dir={run_dir}", "wandb.mode=disabled", "train.roofline=false",
+            "data.test_subset=1000", *more]

@@ -7,6 +7,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import torch
 
 from data import mnist
 
@@ -24,6 +25,16 @@ def test_prepared_files_match_official_checksums(mnist_root):
     assert np.bincount(labels.numpy()).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
     test_images, test_labels = mnist.load(mnist_root, train=False)
     assert test_images.shape == (10000, 28, 28) and test_labels.shape == (10000,)
+
+
+def test_idx_reader_matches_torchvision(mnist_root):
+    from torchvision.datasets import MNIST
+
+    for train in (True, False):
+        ds = MNIST(str(mnist_root), train=train, download=False)
+        images, labels = mnist.load(mnist_root, train)
+        assert torch.equal(images, ds.data) and torch.equal(labels, ds.targets.long())
+    assert mnist.load(mnist_root, False, subset=7)[0].shape == (7, 28, 28)
 
 
 def test_flipped_byte_is_rejected(copied_root):
@@ -53,7 +64,7 @@ def test_missing_file_without_download_is_an_error(copied_root):
 
 def _fake_pickle(payload) -> bytes:
     buf = io.BytesIO()
-    with gzip.GzipFile(fileobj=buf, mode="wb") as f:
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=1) as f:  # level 9 of 220 MB costs ~15 s
         pickle.dump(payload, f, protocol=2)
     return buf.getvalue()
 

@@ -1,7 +1,6 @@
 """The slurm/ templates against a real scheduler: slurmctld + two slurmd "nodes" on
 this host (tests/slurm/start_cluster.sh). Needs root (or SLURM already installed)."""
 
-import json
 import os
 import re
 import shutil
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn.tracking import read_metrics
+from cnn.rundir import read_metrics, read_summary
 from conftest import REPO
 
 pytestmark = pytest.mark.slurm
@@ -67,7 +66,8 @@ def wait(env, job, timeout=240):
 
 
 def small(root):
-    return [f"data.root={root}", "data.train_subset=2560", "train.max_steps=20", "wandb.mode=offline"]
+    return [f"data.root={root}", "data.train_subset=2560", "train.max_steps=20", "wandb.mode=offline",
+            "train.roofline=false"]
 
 
 @pytest.mark.parametrize("template, launcher, options", [
@@ -81,7 +81,7 @@ def test_multinode_templates(cluster, mnist_root, tmp_path, template, launcher, 
     info = wait(cluster, job)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log[-3000:]
-    s = json.loads((tmp_path / "runs" / job / "summary.json").read_text())
+    s = read_summary(tmp_path / "runs" / job)
     assert s["launcher"] == launcher and s["world_size"] == 2 and s["nodes"] == 2
     assert s["slurm_node_ids"] == [0, 1], "both nodes must take part"
     assert s["eval_count"] == 10000 and s["steps"] == 20
@@ -96,19 +96,19 @@ def test_single_node_template(cluster, mnist_root, tmp_path):
     job = proc.stdout.strip().split(";")[0]
     info = wait(cluster, job)
     assert info["JobState"] == "COMPLETED", (tmp_path / f"slurm-{job}.out").read_text()[-3000:]
-    s = json.loads((tmp_path / "runs" / job / "summary.json").read_text())
+    s = read_summary(tmp_path / "runs" / job)
     assert s["world_size"] == 1 and s["eval_count"] == 10000
 
 
 def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_path):
-    args = [f"data.root={mnist_root}", "data.train_subset=19200", "train.batch_size=64", "train.epochs=1",
-            "train.log_every=10", "wandb.mode=offline"]
+    args = [f"data.root={mnist_root}", "data.train_subset=9600", "train.batch_size=64", "train.epochs=1",
+            "train.log_every=10", "wandb.mode=offline", "train.roofline=false", "data.test_subset=1000"]
     proc = sbatch(cluster, tmp_path, "multinode_torchrun.sbatch", *args, options=["--nodes=2"])
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     metrics = tmp_path / "runs" / job / "metrics.jsonl"
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (metrics.exists() and '"step": 40' in metrics.read_text()):
+    while time.monotonic() < deadline and not (metrics.exists() and '"step": 30' in metrics.read_text()):
         time.sleep(0.3)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
     info = wait(cluster, job, timeout=300)
@@ -116,20 +116,15 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_pa
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     assert "preemption signal: checkpointing and requeueing" in log
     stopped = re.search(r"SIGTERM: stopped at step (\d+)", log)
-    assert stopped and int(stopped.group(1)) >= 40, log[-3000:]
+    assert stopped and int(stopped.group(1)) >= 30, log[-3000:]
     assert f"resumed from step {stopped.group(1)}" in log, "restarted from scratch instead of the checkpoint"
     assert "restart 1:" in log  # SLURM_RESTART_COUNT=1 in the requeued run
-    s = json.loads((tmp_path / "runs" / job / "summary.json").read_text())
-    assert s["steps"] == 300 and s["eval_count"] == 10000  # as an uninterrupted job
+    s = read_summary(tmp_path / "runs" / job)
+    assert s["steps"] == 150 and s["eval_count"] == 1000  # as an uninterrupted job
     run_dir = tmp_path / "runs" / job
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
     attempts = list(run_dir.glob("wandb/offline-run-*"))
     assert len(attempts) == 2 and all(a.name.endswith(run_id) for a in attempts), "one W&B run across the requeue"
-    steps = [r["step"] for r in read_metrics(metrics) if "train_loss" in r and "event" not in r]
+    steps = [r["step"] for r in read_metrics(metrics, "train")]
     assert steps == sorted(set(steps))
 
-
-def test_impossible_request_fails_at_submit(cluster, mnist_root, tmp_path):
-    proc = sbatch(cluster, tmp_path, "multinode_torchrun.sbatch", *small(mnist_root), options=["--nodes=3"])
-    assert proc.returncode != 0
-    assert "sbatch: error" in proc.stderr and "node" in proc.stderr.lower(), proc.stderr

@@ -1,74 +1,78 @@
-"""W&B: one offline run per job with config, metrics and summary; resume continues the
-same run; a missing key or an unreachable server never breaks training."""
+"""W&B: one offline run per job with config, metrics, media and summary; a restarted job
+continues the same run; a missing key or an unreachable server never breaks training."""
 
-import json
+import sys
 import time
 
-from cnn.tracking import read_metrics
-from conftest import run, torchrun
+from cnn.config import WandbConfig
+from cnn.rundir import RunDir, read_metrics, read_summary, record
+from cnn.tracking import Tracker
+from conftest import run, smoke_args, torchrun
 import wandb_records as wr
 
 SMALL = ("data.train_subset=2560", "train.batch_size=64", "train.epochs=1", "train.log_every=10",
          "wandb.log_every=10", "checkpoint.every_steps=10")
 
 
-def _args(root, run_dir, *more):
-    return [f"data.root={root}", f"run.dir={run_dir}", "wandb.mode=offline", *SMALL, *more]
-
-
 def _run_files(run_dir):
     return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
 
 
-def test_offline_run_holds_config_metrics_and_summary(mnist_root, tmp_path):
-    proc = run(torchrun(2, *_args(mnist_root, tmp_path)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_offline_run_and_its_restart_are_one_run(mnist_root, tmp_path):
+    """A 2-rank job whose rank 1 raises at step 25, then its re-run: one W&B run file per
+    attempt (not per rank), one run id, config, train and test metrics, the seed's figures
+    as media, the summary, and no step logged twice (in W&B or in metrics.jsonl)."""
+    args = smoke_args(mnist_root, tmp_path, *SMALL, "wandb.mode=offline")
+    first = run(torchrun(2, *args, "checkpoint.fault_step=25", "checkpoint.fault_kind=raise",
+                         "checkpoint.fault_rank=1"))
+    assert first.returncode != 0
+    second = run(torchrun(2, *args))
+    assert second.returncode == 0, second.stderr[-3000:]
     files = _run_files(tmp_path)
-    assert len(files) == 1, files  # one run for the job, not one per rank
-    recs = wr.records(files[0])
+    run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
+    assert len(files) == 2 and all(run_id in f.name for f in files), files
+    steps = [h["_step"] for f in files for h in wr.history(wr.records(f))]
+    assert steps == sorted(set(steps)), f"steps repeated or going backwards: {steps}"
+    recs = wr.records(files[-1])
     cfg = wr.config(recs)
     assert cfg["world_size"] == 2 and cfg["train"]["batch_size"] == 64 and cfg["precision"] == "fp32"
-    hist = wr.history(recs)
-    steps = [h["_step"] for h in hist]
-    assert steps == sorted(set(steps)), "global step must strictly increase"
+    hist = [h for f in files for h in wr.history(wr.records(f))]
     assert any("train_loss" in h for h in hist) and any("test_accuracy" in h for h in hist)
     keys = {k.split(".")[0] for h in hist for k in h}
     assert {"confusion_matrix_table", "test_predictions"} <= keys  # the seed's figures, as media
     summ = wr.summary(recs)
-    assert summ["eval_count"] == 10000 and 0 < summ["test_accuracy"] <= 1
-    assert (tmp_path / "wandb_run_id.txt").read_text().strip() in files[0].name
+    assert summ["eval_count"] == 1000 and 0 < summ["test_accuracy"] <= 1 and summ["steps"] == 40
+    train_steps = [r["step"] for r in read_metrics(tmp_path, "train")]
+    assert train_steps == sorted(set(train_steps)) == [10, 20, 30, 40]
 
 
-def test_resume_continues_the_same_run_without_repeating_steps(mnist_root, tmp_path):
-    first = run(torchrun(2, *_args(mnist_root, tmp_path, "checkpoint.fault_step=25", "checkpoint.fault_kind=raise")))
-    assert first.returncode != 0
-    second = run(torchrun(2, *_args(mnist_root, tmp_path)))
-    assert second.returncode == 0, second.stderr[-3000:]
-    files = _run_files(tmp_path)
-    run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
-    assert len(files) == 2 and all(run_id in f.name for f in files)
-    steps = [h["_step"] for f in files for h in wr.history(wr.records(f))]
-    assert steps == sorted(set(steps)), f"steps repeated or going backwards: {steps}"
-    # metrics.jsonl, too, holds each step once
-    train_steps = [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl") if "train_loss" in r and "event" not in r]
-    assert train_steps == sorted(set(train_steps))
-
-
-def test_online_without_key_or_server_keeps_training(mnist_root, tmp_path):
+def test_online_without_key_or_server_falls_back_with_one_warning(tmp_path, monkeypatch, capfd):
+    """The tracker in-process: online mode with no API key, and with a key but no server
+    (an unreachable address), each ends in one warning and an offline run; metrics.jsonl
+    and summary.json are written either way."""
     for case, env in {
         "no_key": {"HOME": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path)},
         "no_server": {"HOME": str(tmp_path), "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9"},
     }.items():
-        run_dir = tmp_path / case
-        t0 = time.monotonic()
-        proc = run(torchrun(1, f"data.root={mnist_root}", f"run.dir={run_dir}", *SMALL, "wandb.mode=online",
-                            "wandb.init_timeout_s=5", "train.max_steps=20"), **env)
-        took = time.monotonic() - t0
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert proc.stderr.count("warning: W&B") == 1, proc.stderr  # one warning, not one per step
-        assert json.loads((run_dir / "summary.json").read_text())["steps"] == 20
-        assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "train_loss" in r][-1] == 20
-        assert took < 90, f"{case}: {took:.0f} s"
+        with monkeypatch.context() as m:
+            for k in ("WANDB_API_KEY", "WANDB_BASE_URL", "WANDB_MODE"):
+                m.delenv(k, raising=False)
+            for k, v in {**env, "WANDB_SILENT": "true"}.items():
+                m.setenv(k, v)
+            rd = RunDir(tmp_path / case)
+            t0 = time.monotonic()
+            tracker = Tracker(rd, "seed: 0\n", WandbConfig(mode="online", init_timeout_s=5), {"seed": 0}, group="")
+            for step in (10, 20):
+                tracker.log(record("train", step, 0, train_loss=1.0 / step))
+            tracker.summary({"steps": 20})
+            tracker.finish()
+            took = time.monotonic() - t0
+        err = capfd.readouterr().err
+        assert err.count("warning: W&B") == 1, err  # one warning, not one per step
+        assert tracker.run_id and _run_files(rd.path), f"{case}: no offline run"
+        assert [r["step"] for r in read_metrics(rd.path, "train")] == [10, 20]
+        assert read_summary(rd.path)["steps"] == 20
+        assert took < 60, f"{case}: {took:.0f} s"
 
 
 def test_sweep_parameters_are_config_keys():
@@ -85,11 +89,13 @@ def test_sweep_parameters_are_config_keys():
             parse_args(["--config", str(REPO / "configs" / "default.yaml"), f"--{key}={value}"])
 
 
-def test_plot_command_writes_pngs(mnist_root, tmp_path):
-    import sys
-    proc = run([sys.executable, "train_ddp.py", f"data.root={mnist_root}", f"run.dir={tmp_path}", *SMALL,
-                "train.max_steps=20", "train.eval_every=10", "wandb.mode=disabled"])
+def test_single_process_run_and_plot_command(mnist_root, tmp_path):
+    """`python train_ddp.py` is world size 1 of the same code; `python -m cnn.plot` draws its run."""
+    proc = run([sys.executable, "train_ddp.py", *smoke_args(mnist_root, tmp_path, *SMALL, "train.max_steps=20",
+                                                            "train.eval_every=10")])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    s = read_summary(tmp_path)
+    assert s["world_size"] == 1 and s["launcher"] == "single" and s["steps"] == 20
     proc = run([sys.executable, "-m", "cnn.plot", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr
     for name in ("loss.png", "accuracy.png", "predictions.png"):

@@ -1,0 +1,42 @@
+"""Failure rehearsal and what proves recovery: inject a fault, record every step's batch.
+
+``checkpoint.fault_step=K`` makes ``checkpoint.fault_rank`` fail at global step K,
+on the first attempt only (a restarted or requeued attempt runs through), so that
+a test or a user can watch torchrun or SLURM recover.  ``train.record_samples``
+logs a hash of each step's global batch, which a resumed run must reproduce.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+from cnn.config import CheckpointConfig
+
+
+def first_attempt() -> bool:
+    return (os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+            and os.environ.get("SLURM_RESTART_COUNT", "0") == "0")
+
+
+def maybe_fault(cfg: CheckpointConfig, rank: int, step: int) -> None:
+    """Fail here if this is the rehearsed step and rank, on the first attempt."""
+    if not (cfg.fault_step and step == cfg.fault_step and rank == cfg.fault_rank and first_attempt()):
+        return
+    print(f"fault injection: rank {rank} {cfg.fault_kind}s at step {step}", file=sys.stderr, flush=True)
+    if cfg.fault_kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+    raise RuntimeError(f"fault injection at step {step} (checkpoint.fault_step)")
+
+
+def samples_digest(idx: torch.Tensor, world_size: int) -> str:
+    """Hash of the sorted global batch (all ranks' indices): equal at every world size (collective)."""
+    gathered = [torch.empty_like(idx) for _ in range(world_size)]
+    dist.all_gather(gathered, idx)
+    union = torch.cat(gathered).sort().values.cpu().numpy().astype("<i8")
+    return hashlib.sha1(union.tobytes()).hexdigest()[:16]

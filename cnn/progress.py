@@ -1,0 +1,55 @@
+"""Training progress that outlives a restart: saved in every checkpoint, read back on resume."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+TARGET_ACCURACY = 0.99  # seconds_to_99 is the training time until the first evaluation at or above this
+
+
+@dataclass
+class Progress:
+    train_seconds: float = 0.0
+    """Training time so far, in seconds, summed over attempts (evaluations and checkpoints excluded)."""
+    images: int = 0
+    """Training images processed so far, over all ranks."""
+    best_accuracy: float = 0.0
+    """Best test accuracy of any evaluation so far."""
+    seconds_to_99: float | None = None
+    """train_seconds when an evaluation first reached TARGET_ACCURACY (None: not yet)."""
+    epoch_start_seconds: float = 0.0
+    """train_seconds when the current epoch began."""
+    epoch_start_images: int = 0
+    """images when the current epoch began."""
+
+    def add(self, images: int, seconds: float) -> None:
+        """A closed log window."""
+        self.images += images
+        self.train_seconds += seconds
+
+    def record_eval(self, accuracy: float) -> None:
+        self.best_accuracy = max(self.best_accuracy, accuracy)
+        if accuracy >= TARGET_ACCURACY and self.seconds_to_99 is None:
+            self.seconds_to_99 = self.train_seconds
+
+    def close_epoch(self) -> tuple[int, float]:
+        """(images, seconds) of the epoch that just ended; the next one starts now."""
+        done = (self.images - self.epoch_start_images, self.train_seconds - self.epoch_start_seconds)
+        self.epoch_start_images, self.epoch_start_seconds = self.images, self.train_seconds
+        return done
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_checkpoint(cls, state: dict[str, Any] | None) -> "Progress":
+        """From a checkpoint's "progress" (or the "history" dict that checkpoints of 0.1 hold)."""
+        if state is None:
+            return cls()
+        if "progress" in state:
+            return cls(**state["progress"])
+        old = state.get("history") or {}
+        seconds, images = old.get("epoch_start", (0.0, 0))
+        return cls(old.get("train_seconds", 0.0), old.get("images", 0), old.get("best_test_accuracy", 0.0),
+                   old.get("seconds_to_99"), seconds, images)
