@@ -74,9 +74,9 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
 # None where the part has no such path (V100 and T4: no TF32 or BF16 tensor cores).  From NVIDIA's
 # datasheets; torchtitan's tools/utils.py uses the same H100/H200 (989 BF16) and A100 (312) figures.
 # First match wins, so a variant (PCIe, NVL) comes before its family.
-DATASHEET_TFLOPS: list[tuple[str, tuple[float, float | None, float | None, float | None]]] = [
+DATASHEET_TFLOPS: list[tuple[str, tuple[float, float | None, float | None, float | None] | None]] = [
     (r"\bH100\b.*\bPCIE\b", (51.0, 378.0, 756.5, 756.5)),
-    (r"\bH1[02]0\b.*\bNVL\b", (0.0, None, None, None)),  # NVL parts: other clocks; not in this table
+    (r"\bH1[02]0\b.*\bNVL\b", None),  # NVL parts: other clocks and peaks, not in this table
     (r"\bH100\b", (67.0, 494.5, 989.5, 989.5)),  # SXM ("NVIDIA H100 80GB HBM3")
     (r"\bH200\b", (67.0, 494.5, 989.5, 989.5)),  # SXM
     (r"\bA100\b", (19.5, 156.0, 312.0, 312.0)),  # SXM4 and PCIe alike
@@ -93,10 +93,11 @@ def datasheet_peak_tflops(device_name: str, precision: str, tf32: bool = False) 
     TF32 tensor cores) on the CUDA device named `device_name`; None for an unknown device or a path
     the device lacks (bf16 on a T4) and on CPUs."""
     name = device_name.upper()
-    for pattern, (fp32, tf32_peak, bf16, fp16) in DATASHEET_TFLOPS:
+    for pattern, peaks in DATASHEET_TFLOPS:
         if re.search(pattern, name):
-            if not fp32:
+            if peaks is None:
                 return None
+            fp32, tf32_peak, bf16, fp16 = peaks
             if precision == "bf16":
                 return bf16
             if precision == "fp16":
@@ -112,8 +113,9 @@ def compute_dtype(precision: str) -> torch.dtype:
 
 def tf32_flags() -> tuple[bool, bool]:
     """(matmuls, cuDNN convolutions) allowed to use TF32 on CUDA.  Defaults (torch 2.11, 2.14): False,
-    True.  torch >= 2.9 also has the fp32_precision API; reading the legacy flags after a mix of
-    both raises, so that case is read through the new API."""
+    True.  torch >= 2.9 also has the fp32_precision API; reading a legacy flag after the new API set
+    it raises RuntimeError ("you have used mix of the legacy and new APIs", seen on 2.14.1), so that
+    case is read through the new API."""
     try:
         return bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
     except RuntimeError:
@@ -122,9 +124,10 @@ def tf32_flags() -> tuple[bool, bool]:
 
 
 @contextlib.contextmanager
-def _matmul_tf32(enabled: bool):
+def _matmul_tf32():
+    """TF32 matmuls for a while, through the legacy flag (the one tf32_flags reads: no API mix)."""
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cuda.matmul.allow_tf32 = True
     try:
         yield
     finally:
@@ -166,7 +169,7 @@ def job_roofline(device: torch.device, precision: str, measure: bool = True) -> 
     basis = peak_basis(precision, device.type, tf32_cudnn)
     measured = 0.0
     if measure:
-        with _matmul_tf32(basis == "tf32") if device.type == "cuda" else contextlib.nullcontext():
+        with _matmul_tf32() if basis == "tf32" else contextlib.nullcontext():
             measured = matmul_peak_gflops(device, compute_dtype(precision))
     sheet = None
     if device.type == "cuda":
