@@ -71,7 +71,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     if cfg.train.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     opt = build_optimizer(raw.parameters(), cfg.optim, d.device)
-    prec = precision.build(cfg.precision, d.device)
+    prec = precision.choose(cfg.precision, d.device, raw, train_set.images[:per_rank], train_set.labels[:per_rank],
+                            cfg.train.precision_probe)
     config_dict = config.to_dict(cfg)
     state = checkpoint.resume(cfg.checkpoint.resume, config_dict, run.path, d.is_main, out.warn)
     progress, start_step = Progress.from_checkpoint(state), 0
@@ -92,9 +93,10 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     run_eval = functools.partial(evaluate, raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast)
 
     # ---- outputs: config, metrics and W&B on rank 0; no-op objects elsewhere
-    peak = perf.job_peak_gflops(d.device, torch.bfloat16 if prec.name == "bf16" else torch.float32, cfg.train.roofline)
-    facts = job_facts(d, prec.name, global_batch, peak, spe, total_steps)
-    out.info(f"run dir {run}\n--- resolved config ---\n{config.to_yaml(cfg)}---")
+    peak = perf.job_roofline(d.device, prec.name, cfg.train.roofline)
+    facts = job_facts(d, prec, global_batch, peak, spe, total_steps)
+    replays = perf.graph_replays(cfg.train.compile, cfg.train.compile_mode, d.device)
+    out.info(f"run dir {run}\n--- resolved config ---\n{config.to_yaml(cfg)}---\nprecision {prec.name}: {prec.reason}")
     tracker = make_tracker(d.is_main, run, config.to_yaml(cfg), cfg.wandb, {**config_dict, **facts}, rundir.job_id())
     saver = checkpoint.make_saver(d.is_main, run.path, cfg.checkpoint.keep, raw, opt, prec.scaler, config_dict,
                                   d.world_size, spe)
@@ -127,6 +129,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             window.add(loss, logits, y)
             step += 1
             out.advance()
+            if step == start_step + 1:  # compiled and warm: from here a silent rank is a dead one
+                distributed.end_warmup(cfg.dist.timeout_s, d.device)
 
             # what this step boundary does
             epoch_end = step % spe == 0 or step == total_steps
@@ -171,7 +175,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             "best_test_accuracy": max(progress.best_accuracy, final.accuracy),
             "seconds_to_99": progress.seconds_to_99, "epochs": total_steps / spe, "steps": total_steps,
             "train_seconds": progress.train_seconds, "images": progress.images,
-            "peak_rss_mb": perf.peak_rss_mb(d.device), **perf.throughput(progress.images, progress.train_seconds, peak),
+            "peak_rss_mb": perf.peak_rss_mb(d.device), "peak_gpu_mb": perf.peak_gpu_mb(d.device), **replays.facts(),
+            **perf.throughput(progress.images, progress.train_seconds, peak),
             **facts, "run_dir": str(run),
         }
         tracker.summary(summary)
@@ -183,7 +188,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         tracker.finish(exit_code)
 
 
-def log_eval(tracker, out: console.NullConsole, progress: Progress, peak: float, step: int, epoch: int,
+def log_eval(tracker, out: console.NullConsole, progress: Progress, peak: perf.Roofline, step: int, epoch: int,
              epoch_end: bool, ev, train_loss: float, train_acc: float) -> None:
     """Record an evaluation: an "eval" record mid-epoch; at an epoch's end an "epoch" record with
     the epoch's throughput, and its line on the console."""
@@ -212,13 +217,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     stop = distributed.StopRequest()
     try:
-        d = distributed.setup(cfg.device, cfg.dist.timeout_s)
+        d = distributed.setup(cfg.device, cfg.dist.init_timeout_s)
     except ValueError as exc:
         console.error(exc)
         return 2
     try:
         return train(cfg, d, stop)
-    except (mnist.DataError, checkpoint.CheckpointError, FloatingPointError) as exc:
+    except (mnist.DataError, checkpoint.CheckpointError, distributed.SideGroupError, FloatingPointError) as exc:
         console.error(exc)
         return 1
     finally:

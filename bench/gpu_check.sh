@@ -1,54 +1,93 @@
 #!/usr/bin/env bash
-# GPU check, under 5 minutes on one GPU: the GPU-marked tests, then the trainer on CUDA in
-# fp32, bf16 and fp16, as one process and under torchrun --nproc_per_node=1, printing
-# images/s, seconds to 99% and test accuracy for each.
+# The GPU check, in one command on a GPU machine without network (under 5 minutes on one H200):
 #
-#   bash bench/gpu_check.sh [DATA_ROOT]
+#   bash bench/gpu_bundle.sh DIR                     # first, on a machine with PyPI access
+#   bash bench/gpu_check.sh --bundle DIR             # on the GPU machine
+#   bash bench/gpu_check.sh --bundle DIR --dry-run   # anywhere: stops where CUDA is required
+#   bash bench/gpu_check.sh                          # omegaconf installed and MNIST in datasets/ already
 #
-# MNIST must be in DATA_ROOT (default datasets/; `python -m data.prepare` writes it).
-# On a machine without omegaconf/wandb, put their wheels in .whl/ first: they are installed
-# into /tmp/site (see the README's GPU section).
+# 1. installs the bundle's wheels with the package index disabled (into a scratch folder on
+#    PYTHONPATH; nothing is installed into the system), 2. imports the trainer (wandb must not be
+#    needed), 3. unpacks MNIST (MD5-verified), 4. runs the GPU tests and the pure-function tests
+#    of the CUDA decisions (GPU choice, precision=auto, datasheet peaks), then 5. the trainer on
+#    CUDA (bench/gpu_runs.py): fp32, bf16, fp16, eager and compile_mode=reduce-overhead, one process
+#    and torchrun on all GPUs, as one table (images/s, seconds to 99%, MFU against the measured and
+#    the datasheet peak, peak GPU memory, CUDA-graph replays).
+# Without CUDA (or with --dry-run) it stops after step 4 with a line saying so; --dry-run exits 0.
+# Output: env.txt, tests.txt, table.txt, results.jsonl, failures.log in $OUT (or a temp folder);
+# run folders and checkpoints stay in a scratch folder that is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-ROOT=${1:-datasets}
-if [ -d .whl ] && ! python3 -c "import omegaconf, wandb" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
-export WANDB_MODE=disabled PYTHONUNBUFFERED=1
-MNIST_ROOT=$ROOT timeout 120 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider
-
-OUT=${OUT:-$(mktemp -d)}
-printf '%-9s %-9s %10s %9s %9s\n' precision launcher images/s "s to 99%" "test acc" | tee "$OUT/gpu_check.txt"
-for prec in fp32 bf16 fp16; do
-  for launch in python torchrun; do
-    dir="$OUT/run-$prec-$launch"
-    cmd=(python3 train_ddp.py)
-    [ "$launch" = torchrun ] && cmd=(python3 -m torch.distributed.run --standalone --nproc_per_node=1 train_ddp.py)
-    # a large global batch keeps the GPU busy; eval_every catches the moment 99% is reached
-    timeout 120 "${cmd[@]}" data.root="$ROOT" run.dir="$dir" precision="$prec" train.batch_size=512 \
-      optim.lr=4e-3 train.epochs=3 train.eval_every=20 train.log_every=20 > "$dir.log" 2>&1 \
-      || { echo "$prec $launch FAILED"; tail -5 "$dir.log"; continue; }
-    python3 - "$dir" "$prec" "$launch" <<'PY' | tee -a "$OUT/gpu_check.txt"
-import sys
-from cnn.rundir import read_summary
-s = read_summary(sys.argv[1])
-t99 = f"{s['seconds_to_99']:.2f}" if s["seconds_to_99"] else "-"
-print(f"{sys.argv[2]:<9} {sys.argv[3]:<9} {s['images_per_sec']:>10.0f} {t99:>9} {s['test_accuracy']:>9.4f}")
-PY
-  done
+BUDGET_S=${GPU_CHECK_BUDGET_S:-285}  # all of it; the trainer runs get what the tests leave
+BUNDLE="" DRY=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --bundle) BUNDLE=${2:?--bundle needs a folder}; shift 2 ;;
+    --bundle=*) BUNDLE=${1#--bundle=}; shift ;;
+    --dry-run) DRY=1; shift ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument '$1' (usage: bash bench/gpu_check.sh [--bundle DIR] [--dry-run])" >&2; exit 2 ;;
+  esac
 done
-# CUDA graphs through torch.compile's reduce-overhead mode. The first logged window holds the
-# compilation, so the steady figure is the median of the later windows.
-dir="$OUT/run-bf16-compiled"
-timeout 180 python3 train_ddp.py data.root="$ROOT" run.dir="$dir" precision=bf16 train.batch_size=512 optim.lr=4e-3 \
-  train.epochs=3 train.eval_every=20 train.log_every=20 train.compile=true train.compile_mode=reduce-overhead \
-  > "$dir.log" 2>&1 && python3 - "$dir" <<'PY' | tee -a "$OUT/gpu_check.txt" || { echo "bf16 compiled FAILED"; tail -5 "$dir.log"; }
-import statistics, sys
-from cnn.rundir import read_metrics, read_summary
-ips = [r["images_per_sec"] for r in read_metrics(sys.argv[1], "train")][1:]
-s = read_summary(sys.argv[1])
-print(f"bf16+reduce-overhead steady {statistics.median(ips):.0f} images/s, test acc {s['test_accuracy']:.4f}")
+PY=${PYTHON:-python3}
+OUT=${OUT:-$(mktemp -d -t gpu-check-out.XXXXXX)}
+mkdir -p "$OUT"
+WORK=$(mktemp -d -t gpu-check-work.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+export WANDB_MODE=disabled PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_INDEX=1
+step() { echo "== $(date +%T) [${SECONDS}s] $*"; }
+
+step "1/5 install"
+DATA=${DATA_ROOT:-datasets}
+if [ -n "$BUNDLE" ]; then
+  [ -d "$BUNDLE/wheels" ] && [ -d "$BUNDLE/mnist" ] || { echo "error: --bundle $BUNDLE has no wheels/ and mnist/ (make it with bench/gpu_bundle.sh)" >&2; exit 2; }
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" "$BUNDLE"/wheels/*.whl
+  export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
+  DATA=$WORK/data
+fi
+
+step "2/5 imports"
+"$PY" - <<'PY' | tee "$OUT/env.txt"
+import sys
+import torch, torchvision, omegaconf
+import train_ddp  # noqa: F401  the trainer and everything it imports at start-up
+from cnn import perf, precision
+assert "wandb" not in sys.modules, "wandb was imported at start-up; the GPU machines do not have it"
+caps = precision.detect()
+print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"torchvision {torchvision.__version__}, omegaconf {omegaconf.__version__}")
+print(f"capabilities: {caps}")
+for i in range(torch.cuda.device_count()):
+    name = torch.cuda.get_device_name(i)
+    print(f"cuda:{i} {name}, capability {torch.cuda.get_device_capability(i)}, datasheet bf16 "
+          f"{perf.datasheet_peak_tflops(name, 'bf16')} TFLOP/s")
+print(f"precision=auto -> {precision.resolve('auto', 'cuda' if caps.cuda_available else 'cpu', caps)}")
+print(f"TF32 (matmul, cuDNN): {perf.tf32_flags()}")
 PY
-echo "figures in $OUT/gpu_check.txt"
+
+step "3/5 MNIST into $DATA"
+if [ -n "$BUNDLE" ]; then
+  "$PY" -m data.prepare --root "$DATA" --packed "$BUNDLE/mnist" | tail -1
+else
+  "$PY" -c "import sys; from data import mnist; m = mnist.verify(sys.argv[1]); sys.exit(f'error: {sys.argv[1]} lacks {m}: pass --bundle DIR or set DATA_ROOT' if m else 0)" "$DATA"
+fi
+
+step "4/5 tests (GPU tests skip without CUDA)"
+MNIST_ROOT=$DATA timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_distributed.py \
+  tests/test_precision.py tests/test_perf.py tests/test_gpu_check.py > "$OUT/tests.txt" 2>&1 \
+  || { tail -30 "$OUT/tests.txt"; echo "error: tests failed (all of it in $OUT/tests.txt)" >&2; exit 1; }
+tail -1 "$OUT/tests.txt"
+
+if [ "$DRY" = 1 ] || ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  "$PY" bench/gpu_runs.py --plan --gpus 1 --data "$DATA" > /dev/null  # the runner imports and plans here too
+  reason=$([ "$DRY" = 1 ] && echo "--dry-run" || echo "torch.cuda.is_available() is False")
+  echo "stopping before 5/5: the trainer runs need CUDA ($reason); install, imports, MNIST and tests passed. Output: $OUT"
+  [ "$DRY" = 1 ] && exit 0 || exit 1
+fi
+
+step "5/5 trainer on CUDA"
+left=$((BUDGET_S - SECONDS))
+status=0
+"$PY" bench/gpu_runs.py --data "$DATA" --work "$WORK/runs" --out "$OUT" --deadline-s "$left" || status=$?
+echo "done in ${SECONDS}s; figures in $OUT/table.txt (failed runs' logs: $OUT/failures.log)"
+exit $status

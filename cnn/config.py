@@ -69,7 +69,9 @@ class TrainConfig:
     threads: int = 0
     """torch intra-op threads per process (0 = leave torch's/torchrun's choice)."""
     roofline: bool = True
-    """Measure the matmul roofline at start-up (~0.6 s) for MFU; false reports MFU as 0."""
+    """Measure the matmul roofline at start-up (~0.6 s, in the run's precision) for MFU; false reports MFU as 0."""
+    precision_probe: bool = False
+    """With precision=auto on a CPU: time fp32 vs bf16 training steps at start-up (~1 s) instead of trusting the CPU flags."""
     record_samples: bool = False
     """Log a hash of every step's global batch to metrics.jsonl (one all-gather per step)."""
 
@@ -95,7 +97,9 @@ class RunConfig:
 @dataclass
 class DistConfig:
     timeout_s: int = 60
-    """Collective timeout in seconds: a dead peer ends the job after this, not after 30 min."""
+    """Collective timeout in seconds after the first training step: a dead peer ends the job after this."""
+    init_timeout_s: int = 600
+    """Collective timeout in seconds from start-up through the first training step (rendezvous, torch.compile)."""
     data_timeout_s: int = 1800
     """Seconds the other ranks wait at the barrier while local rank 0 fetches MNIST."""
 
@@ -143,7 +147,7 @@ class Config:
     seed: int = 0
     """Seed of the weights, the epoch permutations and the dropout masks."""
     precision: str = "auto"
-    """auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16 (with a grad scaler)."""
+    """auto (the fastest safe one for the hardware: cnn/precision.py) | fp32 | bf16 | fp16 (with a grad scaler)."""
     device: str = "auto"
     """auto (cuda if available) | cpu | cuda."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -231,6 +235,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         f"{cfg.data.train_subset} images make no full global batch of {t.batch_size}",
     )
     _check(cfg.dist.timeout_s >= 1, "dist.timeout_s", f"must be >= 1, got {cfg.dist.timeout_s}")
+    _check(cfg.dist.init_timeout_s >= cfg.dist.timeout_s, "dist.init_timeout_s",
+           f"must be >= dist.timeout_s ({cfg.dist.timeout_s}), got {cfg.dist.init_timeout_s}")
     _check(cfg.dist.data_timeout_s >= 1, "dist.data_timeout_s", f"must be >= 1, got {cfg.dist.data_timeout_s}")
     _check(c.every_steps >= 0, "checkpoint.every_steps", f"must be >= 0, got {c.every_steps}")
     _check(c.keep >= 1, "checkpoint.keep", f"must be >= 1, got {c.keep}")

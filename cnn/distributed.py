@@ -76,24 +76,57 @@ def launch_env() -> tuple[str, int, int, int, int]:
     return "single", 0, 0, 1, 1
 
 
-def pick_device(requested: str, local_rank: int) -> torch.device:
+def choose_gpu(local_rank: int, local_world_size: int, visible_count: int, cuda_visible_devices: str | None,
+               launcher: str = "torchrun") -> int:
+    """The index (among the visible GPUs) this rank binds to; ValueError when no rule gives it a GPU of its own.
+
+    - one visible GPU under srun: SLURM bound one GPU to this task (--gpus-per-task=1, --gpu-bind=single:1,
+      map_gpu): use it, whatever the local rank.
+    - at least local_world_size visible: every local rank sees the node's GPUs: local_rank's.
+    - anything else would put two ranks on one GPU (NCCL stops with "Duplicate GPU detected"), e.g.
+      --gpu-bind=closest with SLURM's cyclic placement on a 2-socket node (tasks 0,2,4,6 see GPUs 0-3),
+      or more ranks per node than GPUs.  torchrun's workers inherit one environment, so one visible GPU
+      there is shared by all of its local ranks: only a single local rank may use it.
+    """
+    if visible_count == 1 and (launcher == "slurm" or local_world_size == 1):
+        return 0
+    if visible_count >= local_world_size:
+        return local_rank
+    cvd = "unset" if cuda_visible_devices is None else f"'{cuda_visible_devices}'"
+    raise ValueError(
+        f"local rank {local_rank} of {local_world_size} on this node sees {visible_count} GPU(s) "
+        f"(CUDA_VISIBLE_DEVICES={cvd}), so ranks would share a GPU: start at most {visible_count} rank(s) per node "
+        f"(torchrun --nproc_per_node), or under srun give each task its own GPU with --gpus-per-task=1 "
+        f"(or --gpu-bind=none so that every task sees all of the node's GPUs)")
+
+
+def pick_device(requested: str, local_rank: int, local_world_size: int = 1, launcher: str = "single") -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' requested but torch.cuda.is_available() is False")
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
+        index = choose_gpu(local_rank, local_world_size, torch.cuda.device_count(),
+                           os.environ.get("CUDA_VISIBLE_DEVICES"), launcher)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
-def setup(device: str = "auto", timeout_s: float = 60.0) -> Dist:
-    """Initialise the process group for whichever launcher started us."""
+def setup(device: str = "auto", init_timeout_s: float = 600.0) -> Dist:
+    """Initialise the process group for whichever launcher started us.
+
+    The group starts with the long start-up timeout `init_timeout_s` (rendezvous, the first step's
+    compilation); `end_warmup()` lowers it to dist.timeout_s after the first training step.
+    TORCH_NCCL_ASYNC_ERROR_HANDLING is left to torch: its default since 2.2 is 3, SkipCleanUp (a
+    timed-out or failed collective ends the process without cleaning up the communicators;
+    ProcessGroupNCCL.cpp `getCvarInt(TORCH_NCCL_ASYNC_ERROR_HANDLING, 3 /*SkipCleanUp*/)`).  1,
+    TearDown, first calls ncclCommAbort, which ProcessGroupNCCL.hpp (2.11) itself says can hang:
+    SkipCleanUp is documented as the mode for that case.
+    """
     launcher, rank, local_rank, world_size, local_world_size = launch_env()
-    dev = pick_device(device, local_rank)
+    dev = pick_device(device, local_rank, local_world_size, launcher)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before init_process_group: NCCL binds to it
-        # surface NCCL failures as exceptions instead of hangs (the default on recent torch)
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     backend = "nccl" if dev.type == "cuda" else "gloo"
-    timeout = timedelta(seconds=timeout_s)
+    timeout = timedelta(seconds=init_timeout_s)
     if launcher == "single":
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     else:
@@ -104,6 +137,35 @@ def setup(device: str = "auto", timeout_s: float = 60.0) -> Dist:
                                 timeout=timeout)
     node_rank = rank // max(1, local_world_size)
     return Dist(rank, local_rank, world_size, local_world_size, node_rank, dev, backend, launcher)
+
+
+def set_timeout(timeout_s: float) -> None:
+    """The default group's collective timeout from now on (gloo and NCCL honour it for later collectives).
+
+    torch.distributed.set_timeout exists from 2.14, which deprecates _set_pg_timeout (FutureWarning);
+    torch 2.4-2.13 (2.11 on the GPU machines) only have distributed_c10d._set_pg_timeout.
+    """
+    timeout = timedelta(seconds=timeout_s)
+    if hasattr(dist, "set_timeout"):
+        dist.set_timeout(timeout)
+    else:
+        dist.distributed_c10d._set_pg_timeout(timeout)
+
+
+def end_warmup(timeout_s: float, device: torch.device) -> None:
+    """After the first training step (of this process: after a resume too): lower the collective
+    timeout from dist.init_timeout_s to dist.timeout_s (collective).
+
+    A cold torch.compile may keep one rank from its first all-reduce for minutes; from here on a
+    rank that stalls is dead, and the job must end within timeout_s.  As in torchtitan
+    (distributed/utils.py set_pg_timeouts, called `if self.step - loaded_step == 1`): the barrier
+    and device sync first, so that no faster rank issues a collective under the short timeout while
+    a slower one is still in its first step.
+    """
+    dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    set_timeout(timeout_s)
 
 
 def _store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -144,18 +206,36 @@ def once_per_node(fn: Callable[[], None], local_rank: int, timeout_s: float) -> 
     return error
 
 
+class SideGroupError(RuntimeError):
+    """The gloo side group (the MNIST barrier) could not be created or timed out; one line."""
+
+
+def side_group_error(exc: BaseException, timeout_s: float) -> str:
+    """The one-line message for a failed gloo side group, naming what to set."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (f"the gloo side group (the once-per-node data barrier) failed: {type(exc).__name__}: {first}. "
+            f"gloo binds to the interface this host's name resolves to; on a multi-homed node set "
+            f"GLOO_SOCKET_IFNAME to the interface the nodes share (as NCCL_SOCKET_IFNAME for NCCL), "
+            f"or raise dist.data_timeout_s ({timeout_s:g} s) if a rank was still fetching MNIST")
+
+
 def agree_any(flag: bool, timeout_s: float) -> bool:
     """A barrier that also tells every rank whether any rank raised `flag`.
 
     It runs on a gloo side-group with its own (long) timeout: local rank 0 may be
     downloading MNIST while the others wait, and the main group's short timeout
-    must stay intact.  gloo works whatever the main backend is.
+    must stay intact.  gloo works whatever the main backend is, but on a GPU run it
+    is the job's only gloo traffic: a wrong interface shows up here first, so a
+    failure raises SideGroupError that names GLOO_SOCKET_IFNAME.
     """
     if dist.get_world_size() == 1:
         return flag
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
     t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    try:
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    except (RuntimeError, ValueError, OSError) as exc:  # DistError, DistBackendError and gloo's own
+        raise SideGroupError(side_group_error(exc, timeout_s)) from None
     dist.destroy_process_group(group)
     return bool(t.item())
 

@@ -1,10 +1,14 @@
-"""Throughput accounting: a matmul roofline measured on the spot, MFU, training windows, memory."""
+"""Throughput accounting: a matmul roofline measured on the spot (and the datasheet's), MFU, training
+windows, memory, CUDA-graph replays."""
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import resource
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -66,23 +70,129 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype = torch.float32,
     return best
 
 
-def throughput(images: int, seconds: float, peak_gflops: float) -> dict[str, float]:
-    """images/s, achieved GFLOP/s (forward + backward) and its share of the roofline."""
+# Dense (no sparsity) datasheet peaks in TFLOP/s: FP32 (CUDA cores), TF32 / BF16 / FP16 tensor cores;
+# None where the part has no such path (V100 and T4: no TF32 or BF16 tensor cores).  From NVIDIA's
+# datasheets; torchtitan's tools/utils.py uses the same H100/H200 (989 BF16) and A100 (312) figures.
+# First match wins, so a variant (PCIe, NVL) comes before its family.
+DATASHEET_TFLOPS: list[tuple[str, tuple[float, float | None, float | None, float | None] | None]] = [
+    (r"\bH100\b.*\bPCIE\b", (51.0, 378.0, 756.5, 756.5)),
+    (r"\bH1[02]0\b.*\bNVL\b", None),  # NVL parts: other clocks and peaks, not in this table
+    (r"\bH100\b", (67.0, 494.5, 989.5, 989.5)),  # SXM ("NVIDIA H100 80GB HBM3")
+    (r"\bH200\b", (67.0, 494.5, 989.5, 989.5)),  # SXM
+    (r"\bA100\b", (19.5, 156.0, 312.0, 312.0)),  # SXM4 and PCIe alike
+    (r"\bL40S\b", (91.6, 183.0, 362.0, 362.0)),
+    (r"\bL4\b", (30.3, 60.0, 121.0, 121.0)),
+    (r"\bA10\b", (31.2, 62.5, 125.0, 125.0)),
+    (r"\bV100-SXM2\b", (15.7, None, None, 125.0)),
+    (r"\bT4\b", (8.1, None, None, 65.0)),
+]
+
+
+def datasheet_peak_tflops(device_name: str, precision: str, tf32: bool = False) -> float | None:
+    """The datasheet's dense peak for a run in `precision` (fp32 | bf16 | fp16; `tf32`: fp32 work on
+    TF32 tensor cores) on the CUDA device named `device_name`; None for an unknown device or a path
+    the device lacks (bf16 on a T4) and on CPUs."""
+    name = device_name.upper()
+    for pattern, peaks in DATASHEET_TFLOPS:
+        if re.search(pattern, name):
+            if peaks is None:
+                return None
+            fp32, tf32_peak, bf16, fp16 = peaks
+            if precision == "bf16":
+                return bf16
+            if precision == "fp16":
+                return fp16
+            return (tf32_peak or fp32) if tf32 else fp32  # no TF32 cores (V100, T4): TF32 runs as fp32
+    return None
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype the run's matmuls and convolutions compute in."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def tf32_flags() -> tuple[bool, bool]:
+    """(matmuls, cuDNN convolutions) allowed to use TF32 on CUDA.  Defaults (torch 2.11, 2.14): False,
+    True.  torch >= 2.9 also has the fp32_precision API; reading a legacy flag after the new API set
+    it raises RuntimeError ("you have used mix of the legacy and new APIs", seen on 2.14.1), so that
+    case is read through the new API."""
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32), bool(torch.backends.cudnn.allow_tf32)
+    except RuntimeError:
+        return (torch.backends.cuda.matmul.fp32_precision == "tf32",
+                torch.backends.cudnn.conv.fp32_precision == "tf32")
+
+
+@contextlib.contextmanager
+def _matmul_tf32():
+    """TF32 matmuls for a while, through the legacy flag (the one tf32_flags reads: no API mix)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def peak_basis(precision: str, device_type: str, tf32_cudnn: bool) -> str:
+    """The arithmetic a run's convolutions (85% of this CNN's FLOPs) compute in: bf16 | fp16 | tf32 | fp32.
+    An fp32 run on CUDA uses TF32 tensor cores for its cuDNN convolutions when cudnn.allow_tf32 is on."""
+    if precision in ("bf16", "fp16"):
+        return precision
+    return "tf32" if device_type == "cuda" and tf32_cudnn else "fp32"
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """What MFU is measured against, for the whole job (every rank's share summed)."""
+
+    measured_gflops: float  # matmul peak measured at start-up in `basis`; 0 = not measured
+    datasheet_gflops: float | None  # the devices' datasheet peak in `basis`; None = unknown (and on CPUs)
+    basis: str  # fp32 | tf32 | bf16 | fp16: the arithmetic the run's convolutions use
+    tf32_matmul: bool = False
+    tf32_cudnn: bool = False
+
+    def facts(self) -> dict[str, float | str | bool | None]:
+        return {"peak_gflops": self.measured_gflops, "peak_datasheet_gflops": self.datasheet_gflops,
+                "peak_basis": self.basis, "tf32_matmul": self.tf32_matmul, "tf32_cudnn": self.tf32_cudnn}
+
+
+def job_roofline(device: torch.device, precision: str, measure: bool = True) -> Roofline:
+    """The job's roofline in the arithmetic the run computes in (collective).
+
+    fp16 and bf16 runs are measured with fp16 / bf16 matmuls.  An fp32 run on CUDA computes its
+    convolutions (85% of this CNN's FLOPs) in TF32 when cuDNN allows it (torch's default), while
+    its matmuls stay fp32 (torch's default too): the peak is then measured with TF32 matmuls, and
+    both flags go into the summary.  On a CPU TF32 does not exist and the datasheet peak is None.
+    """
+    tf32_matmul, tf32_cudnn = tf32_flags() if device.type == "cuda" else (False, False)
+    basis = peak_basis(precision, device.type, tf32_cudnn)
+    measured = 0.0
+    if measure:
+        with _matmul_tf32() if basis == "tf32" else contextlib.nullcontext():
+            measured = matmul_peak_gflops(device, compute_dtype(precision))
+    sheet = None
+    if device.type == "cuda":
+        sheet = datasheet_peak_tflops(torch.cuda.get_device_name(device), precision, basis == "tf32")
+    # NaN marks an unknown datasheet peak: any rank's NaN makes the job's sum unknown
+    t = torch.tensor([measured, math.nan if sheet is None else sheet * 1e3], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    job_sheet = float(t[1].item())
+    return Roofline(float(t[0].item()), None if math.isnan(job_sheet) else job_sheet, basis, tf32_matmul, tf32_cudnn)
+
+
+def throughput(images: int, seconds: float, peak: Roofline) -> dict[str, float | None]:
+    """images/s, achieved GFLOP/s (forward + backward) and its share of the measured roofline (mfu)
+    and of the datasheet's (mfu_datasheet; None where that is unknown)."""
     ips = images / seconds if seconds > 0 else 0.0
     gflops = ips * TRAIN_FLOPS_PER_IMAGE / 1e9
+    sheet = peak.datasheet_gflops
     return {
         "images_per_sec": ips,
         "gflops": gflops,
-        "mfu": gflops / peak_gflops if peak_gflops > 0 else 0.0,
+        "mfu": gflops / peak.measured_gflops if peak.measured_gflops > 0 else 0.0,
+        "mfu_datasheet": gflops / sheet if sheet else None,
     }
-
-
-def job_peak_gflops(device: torch.device, dtype: torch.dtype, measure: bool = True) -> float:
-    """The job's roofline: the sum of every rank's measured peak (each rank's share of the
-    machines); 0 when not measured (train.roofline=false: MFU is then reported as 0)."""
-    peak = torch.tensor([matmul_peak_gflops(device, dtype) if measure else 0.0], dtype=torch.float64, device=device)
-    dist.all_reduce(peak)
-    return float(peak.item())
 
 
 def peak_rss_mb(device: torch.device) -> float:
@@ -90,6 +200,55 @@ def peak_rss_mb(device: torch.device) -> float:
     t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return float(t.item())
+
+
+def peak_gpu_mb(device: torch.device) -> float | None:
+    """The largest torch.cuda.max_memory_allocated of any rank, in MiB (collective on CUDA); None on CPUs."""
+    if device.type != "cuda":
+        return None
+    t = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**20], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class GraphReplays:
+    """Counts CUDA-graph replays in this process, to tell whether compile_mode=reduce-overhead really
+    ran the step as CUDA graphs (cudagraph trees fall back to eager for graphs they cannot capture,
+    with a warning only).  torch has no replay counter: inductor's cudagraph trees replay through
+    torch.cuda.CUDAGraph.replay (torch 2.11 _inductor/cudagraph_trees.py, CUDAGraphNode.run_graph:
+    `self.graph.replay()`), a Python method (torch/cuda/graphs.py), so it is wrapped here.  Skipped
+    graphs are counted by torch in torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        cls, inner = torch.cuda.CUDAGraph, torch.cuda.CUDAGraph.replay
+        outer = self
+
+        def replay(graph) -> None:
+            outer.count += 1
+            inner(graph)
+
+        cls.replay = replay
+
+    def facts(self) -> dict[str, int]:
+        from torch._dynamo.utils import counters
+
+        return {"cudagraph_replays": self.count, "cudagraph_skips": int(counters["inductor"]["cudagraph_skips"])}
+
+
+class NullReplays:
+    """Runs without CUDA graphs: nothing to count, nothing to report."""
+
+    def facts(self) -> dict[str, int]:
+        return {}
+
+
+CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that turn on inductor's cudagraphs
+
+
+def graph_replays(compiled: bool, mode: str, device: torch.device) -> GraphReplays | NullReplays:
+    """A replay counter where torch.compile may run CUDA graphs, a null one elsewhere."""
+    return GraphReplays() if compiled and mode in CUDAGRAPH_MODES and device.type == "cuda" else NullReplays()
 
 
 class Window:

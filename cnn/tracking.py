@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from cnn import console
 from cnn.config import WandbConfig
+from cnn.perf import Roofline
 from cnn.rundir import RunDir
 
 GRID_IMAGES = 32  # test images shown with their predicted and true labels
@@ -186,21 +187,22 @@ def git_commit() -> str:
         return ""
 
 
-def job_facts(d, precision: str, global_batch: int, peak_gflops: float, steps_per_epoch: int,
-              total_steps: int) -> dict[str, Any]:
+def job_facts(d, prec, global_batch: int, peak: Roofline, steps_per_epoch: int, total_steps: int) -> dict[str, Any]:
     """What the job is and where it runs, for the start record, W&B's config and the summary.
 
     Collective: every rank takes part (the placement is all-gathered), so that the
-    summary shows which hosts and SLURM nodes actually took part.
+    summary shows which hosts and SLURM nodes actually took part.  `prec` is the run's
+    cnn.precision.Precision (its name and why it was chosen); `peak` the roofline MFU is
+    measured against, with its arithmetic and TF32 settings.
     """
     placement: list[Any] = [None] * d.world_size
     dist.all_gather_object(placement, (d.rank, socket.gethostname(), os.environ.get("SLURM_NODEID")))
     return {
         "world_size": d.world_size, "nodes": d.num_nodes, "backend": d.backend, "launcher": d.launcher,
         "device_name": torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu",
-        "precision": precision, "global_batch_size": global_batch, "per_rank_batch_size": global_batch // d.world_size,
+        "precision": prec.name, "precision_reason": prec.reason, "global_batch_size": global_batch, "per_rank_batch_size": global_batch // d.world_size,
         "torch_version": torch.__version__, "threads_per_rank": torch.get_num_threads(),
-        "peak_gflops": peak_gflops, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+        **peak.facts(), "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
         "git_commit": git_commit(),
         "hosts": sorted({host for _, host, _ in placement}),
         "slurm_node_ids": sorted({int(n) for _, _, n in placement if n is not None}),

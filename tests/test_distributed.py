@@ -1,0 +1,128 @@
+"""Distributed decisions as pure functions, driven with the real cases (no GPU, no process group needed)."""
+
+import os
+import subprocess
+from datetime import timedelta
+
+import pytest
+import torch
+
+from cnn import distributed
+from conftest import REPO
+
+# (case, launcher, local_world_size, CUDA_VISIBLE_DEVICES as each rank sees it, GPU per local rank or None = error)
+GPU_CASES = [
+    # srun --gpus-per-task=1: SLURM gives every task one GPU of its own, always visible as index 0
+    ("slurm --gpus-per-task=1", "slurm", 8, lambda r: str(r), [0] * 8),
+    # srun --gpus-per-node=8, no binding: every task sees the node's 8 GPUs
+    ("slurm --gpus-per-node=8 unbound", "slurm", 8, lambda r: "0,1,2,3,4,5,6,7", list(range(8))),
+    # --gpu-bind=closest, cyclic placement on 2 sockets: tasks 0,2,4,6 see GPUs 0-3 (and would pick 0,2,0,2)
+    ("slurm --gpu-bind=closest", "slurm", 8, lambda r: "0,1,2,3" if r % 2 == 0 else "4,5,6,7", None),
+    # more ranks than GPUs: torchrun --nproc_per_node=4 on a 2-GPU workstation
+    ("torchrun 4 ranks, 2 GPUs", "torchrun", 4, lambda r: None, None),
+    # torchrun --nproc_per_node=2 on a 1-GPU workstation: both would share it
+    ("torchrun 2 ranks, 1 GPU", "torchrun", 2, lambda r: None, None),
+    # torchrun --nproc_per_node=2 on a 2-GPU workstation
+    ("torchrun 2-GPU workstation", "torchrun", 2, lambda r: None, [0, 1]),
+    # torchrun --nproc_per_node=1 on a 2-GPU workstation, and a plain python run
+    ("torchrun 1 rank, 2 GPUs", "torchrun", 1, lambda r: None, [0]),
+    ("python, 1 GPU", "single", 1, lambda r: None, [0]),
+]
+
+
+def visible(cvd, default):
+    return default if cvd is None else len(cvd.split(","))
+
+
+@pytest.mark.parametrize("case, launcher, lws, cvd_of, want", GPU_CASES, ids=[c[0] for c in GPU_CASES])
+def test_choose_gpu(case, launcher, lws, cvd_of, want):
+    machine_gpus = {"torchrun 4 ranks, 2 GPUs": 2, "torchrun 2 ranks, 1 GPU": 1, "python, 1 GPU": 1}.get(case, 2)
+    for local_rank in range(lws):
+        cvd = cvd_of(local_rank)
+        count = visible(cvd, machine_gpus)
+        if want is not None:
+            assert distributed.choose_gpu(local_rank, lws, count, cvd, launcher) == want[local_rank]
+            continue
+        with pytest.raises(ValueError) as err:
+            distributed.choose_gpu(local_rank, lws, count, cvd, launcher)
+        msg = str(err.value)
+        assert "\n" not in msg and "CUDA_VISIBLE_DEVICES=" in msg
+        assert f"local rank {local_rank} of {lws}" in msg and f"sees {count} GPU(s)" in msg
+        assert "--gpus-per-task=1" in msg and "--nproc_per_node" in msg
+        if cvd is not None:
+            assert f"CUDA_VISIBLE_DEVICES='{cvd}'" in msg
+
+
+def test_bound_gpus_are_distinct_per_node():
+    """Across a node's ranks, every accepted assignment uses distinct physical GPUs."""
+    for case, launcher, lws, cvd_of, want in GPU_CASES:
+        if want is None or lws == 1:
+            continue
+        physical = []
+        for r in range(lws):
+            cvd = cvd_of(r)
+            index = distributed.choose_gpu(r, lws, visible(cvd, 2), cvd, launcher)
+            physical.append(cvd.split(",")[index] if cvd else str(index))
+        assert len(set(physical)) == lws, case
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """A CUDA machine as far as setup() can tell: 2 devices; init_process_group is recorded, not run."""
+    calls = []
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS",
+              "TORCH_NCCL_ASYNC_ERROR_HANDLING", "CUDA_VISIBLE_DEVICES"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(("set_device", str(dev))))
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kw: calls.append(("init", backend, kw["timeout"])))
+    return calls
+
+
+def test_setup_leaves_nccl_error_handling_to_torch(fake_cuda):
+    """torch's default TORCH_NCCL_ASYNC_ERROR_HANDLING (3, SkipCleanUp) stays: setup() sets no NCCL variable,
+    binds the GPU before the group starts, and starts it with the long start-up timeout."""
+    before = dict(os.environ)
+    d = distributed.setup("cuda", init_timeout_s=600)
+    assert dict(os.environ) == before
+    assert d.device == torch.device("cuda", 0) and d.backend == "nccl"
+    assert fake_cuda == [("set_device", "cuda:0"), ("init", "nccl", timedelta(seconds=600))]
+
+
+def test_setup_refuses_shared_gpu_before_the_group_starts(fake_cuda, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    monkeypatch.setenv("SLURM_LOCALID", "2")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES='0,1'"):
+        distributed.setup("cuda")
+    assert fake_cuda == []
+
+
+def test_slurm_templates_leave_nccl_error_handling_to_torch():
+    """Sourcing slurm/common.sh sets no TORCH_NCCL_ASYNC_ERROR_HANDLING; GLOO_SOCKET_IFNAME is documented
+    beside NCCL_SOCKET_IFNAME."""
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_NCCL_ASYNC_ERROR_HANDLING"}
+    out = subprocess.run(["bash", "-c", 'source slurm/common.sh; echo "${TORCH_NCCL_ASYNC_ERROR_HANDLING-unset}"'],
+                         cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "unset"
+    text = (REPO / "slurm" / "common.sh").read_text()
+    assert "# export GLOO_SOCKET_IFNAME=" in text and "# export NCCL_SOCKET_IFNAME=" in text
+
+
+def test_side_group_failure_names_gloo_socket_ifname(monkeypatch):
+    """A gloo side group that cannot connect (wrong interface) is a one-line error naming GLOO_SOCKET_IFNAME."""
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda group=None: 2)
+
+    def refuse(**kwargs):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:144] connect [10.1.2.3]:4242: "
+                           "Connection refused\nmore detail")
+
+    monkeypatch.setattr(distributed.dist, "new_group", refuse)
+    with pytest.raises(distributed.SideGroupError) as err:
+        distributed.once_per_node(lambda: None, local_rank=0, timeout_s=1800)
+    msg = str(err.value)
+    assert "\n" not in msg and "GLOO_SOCKET_IFNAME" in msg and "Connection refused" in msg
+    assert "dist.data_timeout_s (1800 s)" in msg
