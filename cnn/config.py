@@ -483,7 +483,7 @@ def split_argv(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
             shown = f"{tok} {value}" if value is not None else tok
             raise ConfigError(f"'{shown}' is not an override: write {right}={value or 'VALUE'}"
                               + ("" if right == name else f" ('{name}' is not a key)"))
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = parser.parse_known_intermixed_args(argv)  # options may follow key=value
     extra = [u for u in unknown if u.startswith("--") and "=" in u]
     if len(extra) != len(unknown):
         bad = next(u for u in unknown if u not in extra)
