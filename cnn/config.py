@@ -309,12 +309,12 @@ def suggest(key: str, allowed: Iterable[str] | None = None) -> str | None:
     return close[0] if close else None
 
 
-def unknown_key(key: str, allowed: Iterable[str] | None = None, what: str = "unknown key") -> ConfigError:
+def unknown_key(key: str, allowed: Iterable[str] | None = None) -> ConfigError:
     """One line: the key, the key probably meant, and the valid keys of its section."""
     allowed = list(key_names() if allowed is None else allowed)
     section = key.rpartition(".")[0]
     guess = suggest(key, allowed)
-    msg = f"{what} '{key}'" + (f"; did you mean '{guess}'?" if guess else "")
+    msg = f"unknown key '{key}'" + (f"; did you mean '{guess}'?" if guess else "")
     here = [k.rpartition(".")[2] for k in allowed if k.rpartition(".")[0] == section]
     if section in sections():
         msg += f" ({section} keys: {', '.join(here) or 'none here'})"
@@ -330,7 +330,8 @@ def check_key(key: str, allowed: Iterable[str] | None = None) -> None:
     if key not in key_names():
         raise unknown_key(key, allowed)
     if allowed is not None and key not in allowed:
-        raise unknown_key(key, allowed, what="this command does not take")
+        allowed = list(allowed)
+        raise ConfigError(f"this command does not take '{key}'; it takes: {', '.join(allowed)}")
 
 
 def _flat_keys(tree: Any, prefix: str = "") -> list[str]:
