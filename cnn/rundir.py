@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -133,8 +134,11 @@ def of_checkpoint(path: str | os.PathLike) -> RunDir:
 
 
 def write_json(path: str | os.PathLike, values: Mapping[str, Any]) -> Path:
-    """A JSON report (eval.json, or where --out says), written atomically."""
-    return write_atomic(path, json.dumps(dict(values), indent=2) + "\n")
+    """A JSON report (eval.json, or where --out says), written atomically; a list of numbers
+    stays on one line (a confusion matrix reads as one row per line)."""
+    text = re.sub(r"\[\n\s+([-+\d.,eE\s]+?)\n\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  json.dumps(dict(values), indent=2))
+    return write_atomic(path, text + "\n")
 
 
 def record(event: str, step: int, epoch: int, **values: Any) -> dict[str, Any]:

@@ -66,6 +66,8 @@ class Tracker(NullTracker):
         self.log_model = cfg.log_model
         self.resumed_step = -1  # W&B already holds the steps up to this one: never log them again
         self._init_wandb(cfg, config, group)
+        if self.log_model and self._wandb is None:
+            console.warn("wandb.log_model=true but W&B is off: no model artifact (`mnist-ddp export` writes the files)")
 
     # ---------------------------------------------------------------- W&B
     def _init_wandb(self, cfg: WandbConfig, config: dict[str, Any], group: str) -> None:
