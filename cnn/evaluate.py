@@ -149,7 +149,7 @@ def run_evaluation(trained: Trained, cfg: Config, d: distributed.Dist, split: st
     """Evaluate on every rank; the report (on every rank) from all ranks' predictions."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    error = distributed.once_per_node(lambda: mnist.ensure(cfg.data.root, cfg.data.download, log=lambda m: None),
+    error = distributed.once_per_node(lambda: mnist.ensure(cfg.data.root, cfg.data.download, log=console.say),
                                       d.local_rank, cfg.dist.data_timeout_s)
     if error:
         raise mnist.DataError(error)
