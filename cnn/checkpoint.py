@@ -121,7 +121,8 @@ def check_config(saved: dict[str, Any], now: dict[str, Any], source: str) -> Non
             )
 
 
-def _fits_model(state_dict: dict) -> None:
+def fits_model(state_dict: dict) -> None:
+    """Raise if the weights are not the seed CNN's (for load()'s check_model)."""
     CNN().load_state_dict(state_dict)
 
 
@@ -135,7 +136,7 @@ def resume(resume_from: str, config: dict[str, Any], run_dir: Path, is_main: boo
     payload: dict[str, Any] | str | None = None
     if is_main:
         try:
-            payload = find_resume(resume_from, run_dir, _fits_model, warn)
+            payload = find_resume(resume_from, run_dir, fits_model, warn)
             if payload is not None:
                 check_config(payload["config"], config, str(resume_from if resume_from != "auto" else run_dir))
         except CheckpointError as exc:

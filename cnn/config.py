@@ -1,19 +1,28 @@
 """Typed configuration: dataclass schema <- YAML file <- command-line dotlist.
 
-Every field has a type, a default and a one-line doc (with its unit).  ``load()``
-merges ``--config FILE`` over the schema and ``key.sub=value`` overrides over
-both, then checks values that omegaconf's type system cannot express.  Any
-mistake raises ``ConfigError`` with a one-line message that names the key;
-``train_ddp.py`` turns it into exit code 2 on every rank.
+Every field has a type, a default and a one-line doc (with its unit), written once
+as the string under the field.  ``build()`` merges ``--config FILE`` over the
+schema and ``key.sub=value`` overrides over both, then checks values that
+omegaconf's type system cannot express.  Any mistake raises ``ConfigError`` with a
+one-line message that names the key; ``train_ddp.py`` turns it into exit code 2 on
+every rank.  ``schema_keys()`` reads the field docs back out of this file's source
+(``ast``), so ``--help`` lists every key without a second copy of the docs, and an
+unknown key is answered with the key that was probably meant.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import difflib
+import functools
+import inspect
 import os
-from dataclasses import dataclass, field
+import re
+import sys
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -30,6 +39,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
+    """Where MNIST lives and how much of it a run uses."""
+
     root: str = "datasets"
     """Folder holding MNIST/raw/*-ubyte (torchvision's layout); filled on first use."""
     train_subset: int = 0
@@ -42,12 +53,16 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The seed CNN's settings (a checkpoint carries them)."""
+
     dropout: float = 0.2
     """Dropout probability after the 625-unit hidden layer (0 disables it)."""
 
 
 @dataclass
 class TrainConfig:
+    """The training loop: length, batches, evaluation, speed."""
+
     epochs: int = 1
     """Passes over the training set."""
     batch_size: int = 128
@@ -78,6 +93,8 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
+    """Adam and its learning-rate schedule."""
+
     lr: float = 4e-3
     """Peak Adam learning rate."""
     weight_decay: float = 0.0
@@ -90,12 +107,16 @@ class OptimConfig:
 
 @dataclass
 class RunConfig:
+    """Where the run's outputs go."""
+
     dir: str = ""
     """Output folder of this run (config, metrics, checkpoints); '' = runs/<job id>."""
 
 
 @dataclass
 class DistConfig:
+    """Timeouts of the process group."""
+
     timeout_s: int = 60
     """Collective timeout in seconds after the first training step: a dead peer ends the job after this."""
     init_timeout_s: int = 600
@@ -106,6 +127,8 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Checkpoints, resuming, and failure rehearsal."""
+
     every_steps: int = 0
     """Save a checkpoint every N optimizer steps (0 = only at the end of each epoch)."""
     keep: int = 2
@@ -122,6 +145,8 @@ class CheckpointConfig:
 
 @dataclass
 class WandbConfig:
+    """Weights & Biases tracking (rank 0 only)."""
+
     mode: str = "offline"
     """online | offline | disabled (the WANDB_MODE environment variable overrides it)."""
     project: str = "mnist-ddp"
@@ -140,6 +165,8 @@ class WandbConfig:
     """Optimizer steps between train metrics streamed to W&B (0 = train.log_every; a multiple of it)."""
     init_timeout_s: int = 20
     """Give up on W&B after this many seconds at start-up and fall back to offline."""
+    log_model: bool = False
+    """At the end of the run, log the final weights (safetensors) as a W&B model artifact, aliases latest and best."""
 
 
 @dataclass
@@ -167,33 +194,211 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
-def _normalize_overrides(overrides: Sequence[str]) -> list[str]:
-    """Accept `key=value` and `--key=value` (what `wandb agent` passes)."""
+# ---------------------------------------------------------------- the schema, read back
+
+
+@dataclass(frozen=True)
+class Key:
+    """One leaf of the schema, as --help lists it."""
+
+    name: str  # dotted: "train.batch_size"
+    type: str  # as annotated: "int", "list[str]"
+    default: Any
+    doc: str  # the string under the field
+
+
+def _field_docs() -> dict[str, dict[str, str]]:
+    """{class name: {field: doc}}: the string literal under each field of this file's dataclasses.
+
+    Python keeps no reference to those strings at run time, so they are read from this
+    file's source with ast; the source is the only copy of the docs.
+    """
+    tree = ast.parse(inspect.getsource(inspect.getmodule(Config)))  # type: ignore[arg-type]
+    docs: dict[str, dict[str, str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            docs[node.name] = {
+                a.target.id: " ".join(b.value.value.split())
+                for a, b in zip(node.body, node.body[1:])
+                if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)
+            }
+    return docs
+
+
+def _default(f) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+@functools.cache
+def schema_keys() -> tuple[Key, ...]:
+    """Every leaf key of Config in declaration order: the top-level keys, then each section's."""
+    docs = _field_docs()
+
+    def walk(cls: type, prefix: str):
+        for f in fields(cls):
+            value = _default(f)
+            if is_dataclass(value):
+                yield from walk(type(value), f"{prefix}{f.name}.")
+            else:
+                yield Key(prefix + f.name, str(f.type), value, docs.get(cls.__name__, {}).get(f.name, ""))
+
+    return tuple(walk(Config, ""))
+
+
+@functools.cache
+def sections() -> dict[str, str]:
+    """{section name: its one-line doc}, e.g. {"train": "The training loop: ..."}."""
+    return {f.name: (inspect.getdoc(type(_default(f))) or "").splitlines()[0]
+            for f in fields(Config) if is_dataclass(_default(f))}
+
+
+def key_names() -> tuple[str, ...]:
+    return tuple(k.name for k in schema_keys())
+
+
+def _show(value: Any) -> str:
+    """A default as it is typed on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return value or "''"
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def schema_help(only: Iterable[str] | None = None) -> str:
+    """Every key (or those in `only`) with its type, default and doc, one line each, grouped by section."""
+    keys = [k for k in schema_keys() if only is None or k.name in set(only)]
+    wn, wt, wd = (max(len(x) for x in col) for col in zip(*((k.name, k.type, _show(k.default)) for k in keys)))
+    lines, current = [], None
+    for k in keys:
+        section = k.name.rpartition(".")[0]
+        if section != current:
+            current = section
+            lines.append(f"\n{section}: {sections()[section]}" if section else "\ntop level:")
+        lines.append(f"  {k.name:<{wn}}  {k.type:<{wt}}  {_show(k.default):<{wd}}  {k.doc}")
+    return "\n".join(lines).lstrip("\n")
+
+
+def suggest(key: str, allowed: Iterable[str] | None = None) -> str | None:
+    """The allowed key most likely meant by the unknown `key`, or None.
+
+    In order: the same name in another section (lr -> optim.lr); a close spelling
+    (train.epoch -> train.epochs); a key whose doc holds every word of the name, in the
+    same section if that section exists (optim.learning_rate -> optim.lr, "Peak Adam
+    learning rate."); a misspelt section (optimizer.lr -> optim.lr); a looser spelling.
+    """
+    allowed = list(key_names() if allowed is None else allowed)
+    section, _, leaf = key.rpartition(".")
+    same_leaf = [k for k in allowed if k.rpartition(".")[2] == leaf]
+    if same_leaf:
+        return same_leaf[0]
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.8)
+    if close:
+        return close[0]
+    words = [w for w in re.split(r"[_\-.]+", leaf.lower()) if len(w) > 2]
+    docs = {k.name: k.doc.lower() for k in schema_keys() if k.name in allowed}
+    if section in sections():
+        docs = {k: d for k, d in docs.items() if k.rpartition(".")[0] == section}
+    by_doc = [k for k, d in docs.items() if words and all(re.search(rf"\b{re.escape(w)}", d) for w in words)]
+    if by_doc:
+        return by_doc[0]
+    if section and section not in sections():
+        near = difflib.get_close_matches(section, list(sections()), n=1, cutoff=0.6)
+        if near and f"{near[0]}.{leaf}" in allowed:
+            return f"{near[0]}.{leaf}"
+    close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def unknown_key(key: str, allowed: Iterable[str] | None = None) -> ConfigError:
+    """One line: the key, the key probably meant, and the valid keys of its section."""
+    allowed = list(key_names() if allowed is None else allowed)
+    section = key.rpartition(".")[0]
+    guess = suggest(key, allowed)
+    msg = f"unknown key '{key}'" + (f"; did you mean '{guess}'?" if guess else "")
+    here = [k.rpartition(".")[2] for k in allowed if k.rpartition(".")[0] == section]
+    if section in sections():
+        msg += f" ({section} keys: {', '.join(here) or 'none here'})"
+    elif not section and here:
+        msg += f" (top-level keys: {', '.join(here)}; sections: {', '.join(sections())})"
+    else:
+        msg += f" (sections: {', '.join(s for s in sections() if any(k.startswith(s + '.') for k in allowed))})"
+    return ConfigError(msg)
+
+
+def check_key(key: str, allowed: Iterable[str] | None = None) -> None:
+    """Raise ConfigError unless `key` is a schema key (and one of `allowed`, if given)."""
+    if key not in key_names():
+        raise unknown_key(key, allowed)
+    if allowed is not None and key not in allowed:
+        allowed = list(allowed)
+        raise ConfigError(f"this command does not take '{key}'; it takes: {', '.join(allowed)}")
+
+
+def _flat_keys(tree: Any, prefix: str = "") -> list[str]:
+    if not isinstance(tree, dict):
+        return [prefix.rstrip(".")]
+    return [k for name, value in tree.items() for k in _flat_keys(value, f"{prefix}{name}.")]
+
+
+def _normalize_overrides(overrides: Sequence[str], allowed: Iterable[str] | None = None) -> list[str]:
+    """Accept `key=value` and `--key=value` (what `wandb agent` passes); check every key."""
     out = []
-    for item in overrides:
-        if "=" not in item:
+    for item, nxt in zip(overrides, [*overrides[1:], None]):
+        key, eq, value = item.partition("=")
+        key = key[2:] if key.startswith("--") else key
+        if not eq:
+            if key in key_names():  # `optim.lr 0.002`
+                given = nxt if nxt is not None and "=" not in nxt else None
+                raise ConfigError(f"override '{item}{' ' + given if given else ''}' has no '=': "
+                                  f"write {key}={given or 'VALUE'}")
             raise ConfigError(f"override '{item}' is not of the form key=value")
-        out.append(item[2:] if item.startswith("--") else item)
+        check_key(key, allowed)
+        out.append(f"{key}={value}")
     return out
 
 
-def build(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Schema <- file <- overrides, validated; raises ConfigError."""
+def build(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
+          base: dict[str, Any] | None = None, allowed: Iterable[str] | None = None,
+          world_size: int | None = None) -> Config:
+    """Schema <- base (a saved config) <- file <- overrides, validated; raises ConfigError.
+
+    `allowed` limits which keys the overrides may set (a command that reads the rest
+    from a checkpoint); `world_size` is passed to validate().
+    """
     schema = OmegaConf.structured(Config)
     try:
         layers: list[Any] = [schema]
+        if base:
+            layers.append(OmegaConf.create(base))
         if config_file:
             path = Path(config_file)
             if not path.is_file():
                 raise ConfigError(f"config file '{path}' does not exist")
-            layers.append(OmegaConf.load(path))
-        layers.append(OmegaConf.from_dotlist(_normalize_overrides(overrides)))
+            loaded = OmegaConf.load(path)
+            for key in _flat_keys(OmegaConf.to_container(loaded)):
+                if key not in key_names():
+                    raise ConfigError(f"{path}: {unknown_key(key)}")
+            layers.append(loaded)
+        layers.append(OmegaConf.from_dotlist(_normalize_overrides(overrides, allowed)))
         merged = OmegaConf.merge(*layers)
         cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise ConfigError(_one_line(exc)) from None
-    validate(cfg)
+    validate(cfg, world_size)
     return cfg
+
+
+def from_dict(saved: dict[str, Any]) -> Config:
+    """A config saved by a run (a checkpoint's), as a Config; not re-validated (it was at
+    training time, and checks such as checkpoint.resume's file need not hold here)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), saved))  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
 
 
 def _check(ok: bool, key: str, msg: str) -> None:
@@ -261,21 +466,56 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(w.init_timeout_s >= 1, "wandb.init_timeout_s", f"must be >= 1, got {w.init_timeout_s}")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> Config:
-    """`[--config FILE] [key=value ...]` -> validated Config."""
-    parser = argparse.ArgumentParser(
-        description="Train the MNIST CNN with DistributedDataParallel.",
-        epilog="Overrides are omegaconf dotlists, e.g. train.epochs=3 optim.lr=1e-3 (also --train.epochs=3).",
-    )
-    parser.add_argument("--config", help="YAML file layered over the schema defaults")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, applied last")
-    args, unknown = parser.parse_known_args(argv)
-    # `wandb agent` passes --key=value; anything else unknown is an error.
+def _config_like(name: str) -> bool:
+    """An option name that looks like a config key: dotted, or a key's name."""
+    return "." in name or name in {k.rpartition(".")[2] for k in key_names()}
+
+
+def split_argv(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None,
+               allowed: Iterable[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """The parser's own options, and the key=value overrides (a positional `overrides`
+    argument, plus --key=value as `wandb agent` passes them).
+
+    `--optim.lr 0.002`, the habit of other tools, is answered with the spelling that
+    works (optim.lr=0.002) instead of argparse's "unrecognized arguments".
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for tok, nxt in zip(argv, [*argv[1:], None]):
+        name = tok[2:]
+        if tok.startswith("--") and "=" not in tok and _config_like(name):
+            right = name if name in key_names() else suggest(name, allowed)
+            if right is None:
+                raise unknown_key(name, allowed)
+            value = nxt if nxt is not None and not nxt.startswith("-") and "=" not in nxt else None
+            shown = f"{tok} {value}" if value is not None else tok
+            raise ConfigError(f"'{shown}' is not an override: write {right}={value or 'VALUE'}"
+                              + ("" if right == name else f" ('{name}' is not a key)"))
+    args, unknown = parser.parse_known_intermixed_args(argv)  # options may follow key=value
     extra = [u for u in unknown if u.startswith("--") and "=" in u]
     if len(extra) != len(unknown):
         bad = next(u for u in unknown if u not in extra)
         raise ConfigError(f"unrecognised argument '{bad}' (overrides are key=value)")
-    return build(args.config, [*args.overrides, *extra])
+    return args, [*args.overrides, *extra]
+
+
+def keys_epilog(only: Iterable[str] | None = None) -> str:
+    """The --help text that lists the config keys, generated from the schema."""
+    return ("config keys (key=value on the command line, also --key=value; type, default, meaning):\n\n"
+            + schema_help(only))
+
+
+def parse_args(argv: Sequence[str] | None = None) -> Config:
+    """`[--config FILE] [key=value ...]` -> validated Config."""
+    parser = argparse.ArgumentParser(
+        description="Train the MNIST CNN with DistributedDataParallel. Precedence: schema defaults "
+                    "<- --config FILE.yaml <- key=value overrides.",
+        epilog=keys_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML file layered over the schema defaults")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, applied last (see below)")
+    args, overrides = split_argv(parser, argv)
+    return build(args.config, overrides)
 
 
 def to_yaml(cfg: Config) -> str:

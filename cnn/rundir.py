@@ -7,6 +7,8 @@
     <run.dir>/wandb_run_id.txt   the W&B run id, reused when the run resumes
     <run.dir>/wandb/             W&B's own files (offline runs)
     <run.dir>/checkpoints/       step-XXXXXXXX.pt, written and read by cnn.checkpoint
+    <run.dir>/eval.json          `mnist-ddp evaluate`'s report on the test split (eval-train.json: --split train)
+    <run.dir>/model.safetensors  the final weights logged as a W&B model artifact (wandb.log_model=true)
 
 Every metrics record names its ``event``: ``start`` (the run's facts), ``train``
 (a log window), ``eval`` (a mid-epoch evaluation), ``epoch`` (end of an epoch,
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -33,6 +36,7 @@ PREDICTIONS = "predictions.pt"
 WANDB_ID = "wandb_run_id.txt"
 WANDB_DIR = "wandb"
 CHECKPOINTS = "checkpoints"
+MODEL = "model.safetensors"
 EVENTS = ("start", "train", "eval", "epoch", "samples")
 
 
@@ -116,6 +120,25 @@ class RunDir:
 
     def metrics_log(self) -> "MetricsLog":
         return MetricsLog(self.file(METRICS))
+
+
+def eval_name(split: str) -> str:
+    """The report `mnist-ddp evaluate` writes for a split: eval.json (test), eval-train.json."""
+    return "eval.json" if split == "test" else f"eval-{split}.json"
+
+
+def of_checkpoint(path: str | os.PathLike) -> RunDir:
+    """The run folder a checkpoint file belongs to (<run>/checkpoints/step-*.pt), else its own folder."""
+    parent = Path(path).parent
+    return RunDir(parent.parent if parent.name == CHECKPOINTS else parent)
+
+
+def write_json(path: str | os.PathLike, values: Mapping[str, Any]) -> Path:
+    """A JSON report (eval.json, or where --out says), written atomically; a list of numbers
+    stays on one line (a confusion matrix reads as one row per line)."""
+    text = re.sub(r"\[\n\s+([-+\d.,eE\s]+?)\n\s+\]", lambda m: "[" + " ".join(m.group(1).split()) + "]",
+                  json.dumps(dict(values), indent=2))
+    return write_atomic(path, text + "\n")
 
 
 def record(event: str, step: int, epoch: int, **values: Any) -> dict[str, Any]:

@@ -6,7 +6,10 @@ Weights & Biases when it can.  W&B is never allowed to break training: a failure
 at init or at log time becomes one warning, the run carries on with the local
 files, and an unreachable server costs at most ``wandb.init_timeout_s`` seconds
 before falling back to offline mode.  ``job_facts`` gathers what W&B and the
-summary say about the job (world size, hosts, device, commit...).
+summary say about the job (world size, hosts, device, commit...).  With
+``wandb.log_model=true`` the final checkpoint's weights go to W&B as a ``model``
+artifact (safetensors, the same file ``mnist-ddp export`` writes), and the summary
+names it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch.distributed as dist
 from cnn import console
 from cnn.config import WandbConfig
 from cnn.perf import Roofline
-from cnn.rundir import RunDir
+from cnn.rundir import MODEL, RunDir
 
 GRID_IMAGES = 32  # test images shown with their predicted and true labels
 
@@ -61,8 +64,11 @@ class Tracker(NullTracker):
         self.metrics = run.metrics_log()
         self._wandb = None
         self.wandb_every = cfg.log_every
+        self.log_model = cfg.log_model
         self.resumed_step = -1  # W&B already holds the steps up to this one: never log them again
         self._init_wandb(cfg, config, group)
+        if self.log_model and self._wandb is None:
+            console.warn("wandb.log_model=true but W&B is off: no model artifact (`mnist-ddp export` writes the files)")
 
     # ---------------------------------------------------------------- W&B
     def _init_wandb(self, cfg: WandbConfig, config: dict[str, Any], group: str) -> None:
@@ -134,9 +140,29 @@ class Tracker(NullTracker):
         self.resumed_step = max(self.resumed_step, self.metrics.truncate_after(step))
 
     def summary(self, values: dict[str, Any]) -> None:
+        if self.log_model and self._wandb is not None:
+            self._wandb_call(self._log_model, values)
         self.run.write_summary(values)
         if self._wandb is not None:
             self._wandb_call(self._wandb.summary.update, values)
+
+    def _log_model(self, values: dict[str, Any]) -> None:
+        """The final checkpoint's weights as a W&B model artifact, aliases latest and best (the only
+        weights a run publishes are its final ones); `values` (the summary) gets its name."""
+        import wandb
+
+        from cnn import checkpoint, export
+        from cnn.files import write_atomic
+        from cnn.inference import load_model
+
+        trained = load_model(checkpoint.path_for(self.run.path, values["steps"]))
+        meta = export.metadata(trained)
+        path = write_atomic(self.run.file(MODEL), export.to_safetensors(export.plain(trained.model), meta))
+        artifact = wandb.Artifact(f"model-{self.run_id}", type="model",
+                                  metadata={**meta, "test_accuracy": values.get("test_accuracy")})
+        artifact.add_file(str(path))
+        self._wandb.log_artifact(artifact, aliases=["latest", "best"])
+        values["model_artifact"] = f"{artifact.name}:latest"
 
     def predictions(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None:
         """The seed's figures: a grid of test images with predicted/true labels, and a

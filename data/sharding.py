@@ -30,6 +30,13 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
     return ((images.float() / 255.0 - MEAN) / STD).unsqueeze(1)
 
 
+def model_input(images: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+    """uint8 N x 28 x 28 -> the model's input on `device`: normalized, in the memory format the
+    model trained in.  Training, evaluation and prediction (cnn.inference) all come through here."""
+    x = normalize(images.to(device))
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 @dataclass
 class DeviceDataset:
     """Normalized images and labels living on the training device."""
@@ -39,10 +46,7 @@ class DeviceDataset:
 
     @classmethod
     def from_uint8(cls, images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool = False):
-        x = normalize(images.to(device))
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return cls(x, labels.to(device))
+        return cls(model_input(images, device, channels_last), labels.to(device))
 
     def __len__(self) -> int:
         return self.labels.shape[0]

@@ -40,10 +40,11 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = ()) -> list[str]:
-    """A standalone torchrun command line for train_ddp.py."""
+def torchrun(nproc: int, *args: str, extra: tuple[str, ...] = (),
+             entry: tuple[str, ...] = (str(REPO / "train_ddp.py"),)) -> list[str]:
+    """A standalone torchrun command line for train_ddp.py (or `entry`, e.g. ("-m", "cnn.cli", "evaluate"))."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-            *extra, str(REPO / "train_ddp.py"), *args]
+            *extra, *entry, *args]
 
 
 def run(cmd: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
@@ -55,3 +56,18 @@ def smoke_args(root: Path, run_dir: Path, *more: str) -> list[str]:
     (each can be overridden: data.test_subset=0 where counting all 10,000 is the point)."""
     return [f"data.root={root}", f"run.dir={run_dir}", "wandb.mode=disabled", "train.roofline=false",
             "data.test_subset=1000", *more]
+
+
+@pytest.fixture(scope="session")
+def trained_run(mnist_root, tmp_path_factory) -> Path:
+    """One small finished run, shared by the tests of evaluate, predict, export and the W&B
+    model artifact: 40 steps (~90% test accuracy), the whole test set counted in its
+    summary (what evaluate must reproduce), W&B offline with wandb.log_model=true."""
+    base = tmp_path_factory.mktemp("trained")
+    run_dir = base / "run"
+    proc = run([sys.executable, "train_ddp.py", *smoke_args(
+        mnist_root, run_dir, "data.test_subset=0", "data.train_subset=2560", "train.batch_size=64",
+        "train.max_steps=40", "wandb.mode=offline", "wandb.log_model=true")],
+        WANDB_DATA_DIR=str(base / "wandb-data"))  # W&B stages artifact files there, not in ~/.local
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

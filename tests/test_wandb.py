@@ -4,6 +4,8 @@ continues the same run; a missing key or an unreachable server never breaks trai
 import sys
 import time
 
+import torch
+
 from cnn.config import WandbConfig
 from cnn.rundir import RunDir, read_metrics, read_summary, record
 from cnn.tracking import Tracker
@@ -16,6 +18,41 @@ SMALL = ("data.train_subset=2560", "train.batch_size=64", "train.epochs=1", "tra
 
 def _run_files(run_dir):
     return sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def _artifacts(recs, kind):
+    return [r.artifact for r in recs if r.WhichOneof("record_type") == "artifact" and r.artifact.type == kind]
+
+
+def test_final_weights_are_a_model_artifact_in_the_offline_run(trained_run):
+    """wandb.log_model=true (conftest's trained_run): the offline run records one artifact of type
+    "model", aliases latest and best, holding the run's model.safetensors byte for byte (W&B's
+    digest is the file's base64 MD5); the summary names it; the weights load into CNN()."""
+    import base64
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file
+
+    from cnn import checkpoint
+    from cnn.model import CNN
+
+    (run_file,) = _run_files(trained_run)
+    recs = wr.records(run_file)
+    (art,) = _artifacts(recs, "model")
+    run_id = (trained_run / "wandb_run_id.txt").read_text().strip()
+    assert art.name == f"model-{run_id}" and set(art.aliases) == {"latest", "best"}
+    weights = trained_run / "model.safetensors"
+    (entry,) = art.manifest.contents
+    assert entry.path == "model.safetensors"
+    assert entry.digest == base64.b64encode(hashlib.md5(weights.read_bytes()).digest()).decode()
+    meta = json.loads(art.metadata)
+    assert meta["input_name"] == "image" and meta["test_accuracy"] == read_summary(trained_run)["test_accuracy"]
+    assert wr.summary(recs)["model_artifact"] == read_summary(trained_run)["model_artifact"] == f"model-{run_id}:latest"
+    final = checkpoint.load(checkpoint.list_checkpoints(trained_run)[0])["model"]
+    model = CNN()
+    model.load_state_dict(load_file(weights))
+    assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items())  # the final weights
 
 
 def test_offline_run_and_its_restart_are_one_run(mnist_root, tmp_path):
@@ -42,6 +79,7 @@ def test_offline_run_and_its_restart_are_one_run(mnist_root, tmp_path):
     assert {"confusion_matrix_table", "test_predictions"} <= keys  # the seed's figures, as media
     summ = wr.summary(recs)
     assert summ["eval_count"] == 1000 and 0 < summ["test_accuracy"] <= 1 and summ["steps"] == 40
+    assert not _artifacts(recs, "model") and "model_artifact" not in summ  # wandb.log_model is off by default
     train_steps = [r["step"] for r in read_metrics(tmp_path, "train")]
     assert train_steps == sorted(set(train_steps)) == [10, 20, 30, 40]
 
