@@ -13,13 +13,14 @@ The global batch (train.batch_size) is split evenly over the ranks, so results
 do not depend on how many processes share the work.  Outputs go to run.dir (see
 cnn/rundir.py): config.yaml, metrics.jsonl, summary.json, predictions.pt,
 checkpoints/, and W&B's wandb_run_id.txt and wandb/.  Exit codes: 0 done,
-1 error, 2 bad configuration, 143 stopped by SIGTERM after a checkpoint
-(re-run with the same run.dir to resume).
+1 error, 2 bad configuration, 130 stopped by Ctrl-C / 143 by SIGTERM after a
+checkpoint (re-run with the same run.dir to resume); a second Ctrl-C exits 130 at once.
 """
 
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 import torch
@@ -36,10 +37,9 @@ from cnn.progress import Progress
 from cnn.rundir import RunDir, record
 from cnn.tracking import job_facts, make_tracker
 from data import mnist
-from data.sharding import DeviceDataset, batch_indices, epoch_indices, step_seed, steps_per_epoch
+from data.sharding import DeviceDataset, batch_indices, epoch_indices, step_seed, steps_per_epoch, to_device
 
-EXIT_STOPPED = 143  # 128 + SIGTERM: stopped early with a checkpoint
-STOP_CHECK_EVERY = 10  # steps between the collectives that agree on a SIGTERM stop
+STOP_CHECK_EVERY = 10  # steps between the (host-only) collectives that agree on a SIGTERM / Ctrl-C stop
 
 
 def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> int:
@@ -77,9 +77,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     state = checkpoint.resume(cfg.checkpoint.resume, config_dict, run.path, d.is_main, out.warn)
     progress, start_step = Progress.from_checkpoint(state), 0
     if state is not None:
-        raw.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        prec.scaler.load_state_dict(state["scaler"])
+        for note in checkpoint.restore(state, raw, opt, prec.scaler):
+            out.info(f"resume: {note}")
         start_step = state["step"]
         out.info(f"resumed from step {start_step} (epoch {state['epoch']}, step {state['step_in_epoch']} of it), "
                  f"saved at world size {state.get('world_size')}")
@@ -109,10 +108,12 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         # ---- the loop
         out.start(total_steps, start_step)
         window, share, last_eval, step = perf.Window(d.device), None, None, start_step
+        syncs = perf.SyncCheck(cfg.train.sync_debug, d.device)
         while step < total_steps:
+            syncs.forbid()  # train.sync_debug: a host-device sync from here to a log point raises
             epoch, s = divmod(step, spe)
             if s == 0 or share is None:
-                share = epoch_indices(len(train_set), d.rank, d.world_size, cfg.seed, epoch).to(d.device)
+                share = to_device(epoch_indices(len(train_set), d.rank, d.world_size, cfg.seed, epoch), d.device)
             fault.maybe_fault(cfg.checkpoint, d.rank, step)
             idx = batch_indices(share, s, per_rank)
             x, y = train_set.images[idx], train_set.labels[idx]
@@ -130,15 +131,17 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             step += 1
             out.advance()
             if step == start_step + 1:  # compiled and warm: from here a silent rank is a dead one
-                distributed.end_warmup(cfg.dist.timeout_s, d.device)
+                distributed.end_warmup(cfg.dist.timeout_s, d.device, d.cpu_group)
 
             # what this step boundary does
             epoch_end = step % spe == 0 or step == total_steps
             do_eval = epoch_end or (cfg.train.eval_every > 0 and step % cfg.train.eval_every == 0)
             do_log = do_eval or step % cfg.train.log_every == 0
             do_save = epoch_end or (cfg.checkpoint.every_steps > 0 and step % cfg.checkpoint.every_steps == 0)
-            check_stop = step % STOP_CHECK_EVERY == 0 and step < total_steps
+            stop_signal = stop.agreed(d.cpu_group) if step % STOP_CHECK_EVERY == 0 and step < total_steps else 0
 
+            if do_log or do_save or stop_signal or cfg.train.record_samples:
+                syncs.allow()  # reading metrics back, evaluating, saving
             if cfg.train.record_samples:
                 tracker.log(record("samples", step, epoch, samples=fault.samples_digest(idx, d.world_size)), stream=False)
             if do_log:
@@ -155,11 +158,12 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                 log_eval(tracker, out, progress, peak, step, epoch, epoch_end, last_eval, train_loss, train_acc)
             if do_save:
                 out.info(f"checkpoint {saver.save(step, progress_state(progress, tracker))}")
-            if check_stop and stop.agreed(d.device):
+            if stop_signal:
                 if not do_save:
                     out.info(f"checkpoint {saver.save(step, progress_state(progress, tracker))}")
-                out.info(f"SIGTERM: stopped at step {step} with a checkpoint; re-run with run.dir={run} to resume")
-                exit_code = EXIT_STOPPED
+                out.info(f"{signal.Signals(stop_signal).name}: stopped at step {step} with a checkpoint; "
+                         f"re-run with run.dir={run} to resume")
+                exit_code = 128 + stop_signal  # 130 Ctrl-C, 143 SIGTERM: the shell's convention
                 return exit_code
             if do_log:
                 window.restart_clock()
@@ -211,11 +215,16 @@ def progress_state(progress: Progress, tracker) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cfg = config.parse_args(argv)
+        launch = distributed.launch_env()  # the one source of rank and world size
+    except ValueError as exc:  # e.g. WORLD_SIZE=abc
+        console.error(f"launcher environment: {exc}")
+        return 2
+    stop = distributed.StopRequest(announce=launch.rank == 0)  # before anything slow: Ctrl-C at any time
+    try:
+        cfg = config.parse_args(argv)  # validated against launch_env()'s world size
     except ConfigError as exc:
         console.error(exc, prefix="config error")
         return 2
-    stop = distributed.StopRequest()
     try:
         d = distributed.setup(cfg.device, cfg.dist.init_timeout_s)
     except ValueError as exc:
@@ -225,6 +234,12 @@ def main(argv: list[str] | None = None) -> int:
         return train(cfg, d, stop)
     except (mnist.DataError, checkpoint.CheckpointError, distributed.SideGroupError, FloatingPointError) as exc:
         console.error(exc)
+        return 1
+    except RuntimeError as exc:  # a peer died or hung: one line naming the collective, not a traceback
+        message = distributed.collective_failure(exc)
+        if message is None:
+            raise
+        console.error(message)
         return 1
     finally:
         distributed.cleanup()

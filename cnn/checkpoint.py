@@ -8,7 +8,8 @@ previous checkpoint intact.  Other ranks hold a ``NullSaver``.
 ``resume()`` is the policy: rank 0 picks the checkpoint (``checkpoint.resume``:
 auto | never | a path), validates it (readable, ours, not newer, weights that fit
 the model, a config that matches where it must), and broadcasts it, so nodes that
-do not share a filesystem resume too.  Dropout masks are seeded from (seed, step,
+do not share a filesystem resume too; ``restore()`` loads it into the live objects,
+adapting to a changed precision or memory format.  Dropout masks are seeded from (seed, step,
 rank) at every step (``data.sharding.step_seed``) and the data order is a pure
 function of (seed, epoch), so a checkpoint needs no RNG state to continue
 identically.
@@ -99,8 +100,10 @@ def find_resume(
     """The state to resume from, following checkpoint.resume (auto | never | a path)."""
     if resume == "never":
         return None
-    if resume != "auto":
-        return load(resume, check_model)  # an explicit path must be good: no silent fallback
+    if resume != "auto":  # an explicit path must be good: no silent fallback
+        if not Path(resume).is_file():
+            raise CheckpointError(f"checkpoint.resume: {resume}: no such checkpoint file (read by rank 0)")
+        return load(resume, check_model)
     for path in list_checkpoints(run_dir):
         try:
             return load(path, check_model)
@@ -109,16 +112,45 @@ def find_resume(
     return None
 
 
+def _first_difference(saved: Any, now: Any, key: str) -> tuple[str, Any, Any] | None:
+    """(dotted key, saved value, current value) of the first leaf that differs, else None."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for sub in [*now, *(k for k in saved if k not in now)]:  # the schema's order
+            diff = _first_difference(saved.get(sub), now.get(sub), f"{key}.{sub}")
+            if diff:
+                return diff
+        return None
+    return None if saved == now else (key, saved, now)
+
+
+def _dotlist_value(value: Any) -> str:
+    return "(absent)" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def check_config(saved: dict[str, Any], now: dict[str, Any], source: str) -> None:
-    """Refuse to resume a different training run: the RESUME_MUST_MATCH keys must be equal."""
-    for key in RESUME_MUST_MATCH:
+    """Refuse to resume a different training run: the RESUME_MUST_MATCH keys must be equal.
+
+    The error names the first key that differs, both values, and the ways out that
+    apply: restore the value, or start fresh -- by dropping an explicit
+    checkpoint.resume path, else in another run.dir (checkpoint.resume=never in the same
+    folder would mix the two runs' checkpoints and metrics).
+    """
+    for section in RESUME_MUST_MATCH:
         a, b = saved, now
-        for part in key.split("."):
-            a, b = a.get(part), b.get(part)
-        if a != b:
-            raise CheckpointError(
-                f"{source}: {key} was {a} when saved but is {b} now; use a new run.dir or checkpoint.resume=never"
-            )
+        for part in section.split("."):
+            a, b = a.get(part) if isinstance(a, dict) else None, b.get(part) if isinstance(b, dict) else None
+        diff = _first_difference(a, b, section)
+        if diff is None:
+            continue
+        key, was, is_now = diff
+        restore = f"{key}={_dotlist_value(was)}"
+        explicit = now.get("checkpoint", {}).get("resume", "auto") not in ("auto", "never")
+        fresh = ("drop checkpoint.resume to start fresh" if explicit
+                 else "pass another run.dir to start a new run")
+        raise CheckpointError(
+            f"{source}: {key} was {_dotlist_value(was)} when saved but is {_dotlist_value(is_now)} now: "
+            f"pass {restore} to continue {'from this checkpoint' if explicit else 'this run'}, or {fresh}"
+        )
 
 
 def fits_model(state_dict: dict) -> None:
@@ -131,7 +163,8 @@ def resume(resume_from: str, config: dict[str, Any], run_dir: Path, is_main: boo
     """The checkpoint state this run continues from, on every rank (None: start fresh).
 
     Rank 0 picks, reads and validates it, then broadcasts it (or its error, which
-    every rank raises as CheckpointError): nodes need not share a filesystem.
+    every rank raises as CheckpointError): nodes need not share a filesystem, and an
+    explicit checkpoint.resume path need exist on rank 0's node only.
     """
     payload: dict[str, Any] | str | None = None
     if is_main:
@@ -145,6 +178,39 @@ def resume(resume_from: str, config: dict[str, Any], run_dir: Path, is_main: boo
     if isinstance(payload, str):
         raise CheckpointError(payload)
     return payload
+
+
+def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scaler: torch.amp.GradScaler) -> list[str]:
+    """Load a checkpoint into the live training objects; returns notes on what was adapted.
+
+    ``precision`` and ``train.channels_last`` may differ from the saved run (moving a run
+    to a machine without bf16, or trying the other layout); both adapt exactly:
+    - the optimizer's moment tensors are put in their parameter's memory format.  They are
+      saved with their strides, and Adam's fused kernels walk memory linearly: on CPU a
+      mismatch silently pairs the wrong elements (measured, torch 2.14), on CUDA it fails
+      the kernel's layout check.  Values are unchanged, so the update is the same.
+    - a checkpoint saved without fp16 has no loss-scaler state ({}): an fp16 run then starts
+      a fresh scaler, which finds its scale within a few steps; an fp16 checkpoint's scaler
+      state is ignored by a disabled (fp32/bf16) scaler.
+    """
+    notes = []
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    converted = 0
+    for param, slots in optimizer.state.items():
+        for name, value in slots.items():
+            if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                slots[name] = torch.empty_like(param, dtype=value.dtype).copy_(value)  # param's strides
+                converted += 1
+    if converted:
+        notes.append(f"optimizer state converted to the model's memory format ({converted} tensors; "
+                     "train.channels_last differs from the checkpoint's)")
+    if scaler.is_enabled() and not state["scaler"]:
+        notes.append("fp16 loss scaler starts fresh (the checkpoint was saved without fp16)")
+    else:
+        scaler.load_state_dict(state["scaler"])
+    return notes
 
 
 class NullSaver:

@@ -27,10 +27,13 @@ from typing import Any, Iterable, Sequence
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cnn.distributed import launch_env
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("onecycle", "cosine", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 WANDB_MODES = ("online", "offline", "disabled")
+FAULT_KINDS = ("kill", "raise", "hang")
 
 
 class ConfigError(ValueError):
@@ -89,6 +92,8 @@ class TrainConfig:
     """With precision=auto on a CPU: time fp32 vs bf16 training steps at start-up (~1 s) instead of trusting the CPU flags."""
     record_samples: bool = False
     """Log a hash of every step's global batch to metrics.jsonl (one all-gather per step)."""
+    sync_debug: bool = False
+    """CUDA check: raise on any host-device sync between log points (after the first; see cnn/perf.SyncCheck)."""
 
 
 @dataclass
@@ -140,7 +145,7 @@ class CheckpointConfig:
     fault_rank: int = 0
     """The global rank that fault_step kills."""
     fault_kind: str = "kill"
-    """kill (SIGKILL, as the OOM killer) | raise (a Python exception)."""
+    """kill (SIGKILL, as the OOM killer) | raise (a Python exception) | hang (alive, never steps again)."""
 
 
 @dataclass
@@ -407,9 +412,10 @@ def _check(ok: bool, key: str, msg: str) -> None:
 
 
 def validate(cfg: Config, world_size: int | None = None) -> None:
-    """Impossible values, checked against the launch's world size."""
+    """Impossible values, checked against the launch's world size (default: what the launcher
+    detection, cnn.distributed.launch_env, finds; the same value setup() will use)."""
     if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        world_size = launch_env().world_size
     t, o, c, w = cfg.train, cfg.optim, cfg.checkpoint, cfg.wandb
     _check(cfg.precision in PRECISIONS, "precision", f"'{cfg.precision}' is not one of {', '.join(PRECISIONS)}")
     _check(cfg.device in ("auto", "cpu", "cuda"), "device", f"'{cfg.device}' is not one of auto, cpu, cuda")
@@ -451,12 +457,11 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
         "checkpoint.fault_rank",
         f"{c.fault_rank} is not a rank of world size {world_size}",
     )
-    _check(c.fault_kind in ("kill", "raise"), "checkpoint.fault_kind", f"'{c.fault_kind}' is not kill or raise")
-    _check(
-        c.resume in ("auto", "never") or Path(c.resume).is_file(),
-        "checkpoint.resume",
-        f"'{c.resume}' is neither auto, never nor an existing checkpoint file",
-    )
+    _check(c.fault_kind in FAULT_KINDS, "checkpoint.fault_kind",
+           f"'{c.fault_kind}' is not one of {', '.join(FAULT_KINDS)}")
+    # A checkpoint path is checked where it is read, on rank 0 (cnn.checkpoint.resume): other
+    # nodes need not see the file, and their error arrives with rank 0's broadcast.
+    _check(c.resume.strip() != "", "checkpoint.resume", "must be auto, never or a checkpoint path")
     _check(w.mode in WANDB_MODES, "wandb.mode", f"'{w.mode}' is not one of {', '.join(WANDB_MODES)}")
     _check(
         w.log_every >= 0 and w.log_every % t.log_every == 0,

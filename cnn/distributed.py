@@ -11,11 +11,14 @@ on an in-memory store, so DDP and the collectives run unchanged.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -31,6 +34,9 @@ class Dist:
     device: torch.device
     backend: str
     launcher: str  # "torchrun" | "slurm" | "single"
+    # gloo group for host-side agreement (the stop check) on CPU tensors: no device sync.
+    # The world group on CPU runs; a gloo side group next to NCCL on GPU runs.
+    cpu_group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -64,16 +70,30 @@ def slurm_port() -> int:
     return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
 
 
-def launch_env() -> tuple[str, int, int, int, int]:
-    """(launcher, rank, local_rank, world_size, local_world_size) from the environment."""
+class Launch(NamedTuple):
+    launcher: str  # "torchrun" | "slurm" | "single"
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+
+
+def launch_env() -> Launch:
+    """Who started this process, from the environment: the one source of the world size
+    (config validation and setup() both ask here).
+
+    SLURM counts only for a task of a job *step* (``srun``: SLURM_STEP_NUM_TASKS and
+    SLURM_PROCID); a plain ``python train_ddp.py`` in an ``salloc`` of 3 tasks
+    (SLURM_NTASKS=3, no step) is world size 1.
+    """
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (or a hand-made launch)
         ws = _env_int("WORLD_SIZE")
-        return "torchrun", _env_int("RANK"), _env_int("LOCAL_RANK", 0), ws, _env_int("LOCAL_WORLD_SIZE", ws)
+        return Launch("torchrun", _env_int("RANK"), _env_int("LOCAL_RANK", 0), ws, _env_int("LOCAL_WORLD_SIZE", ws))
     if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:  # srun, one task per GPU
         ws = _env_int("SLURM_STEP_NUM_TASKS")
         nodes = _env_int("SLURM_STEP_NUM_NODES", 1)
-        return "slurm", _env_int("SLURM_PROCID"), _env_int("SLURM_LOCALID", 0), ws, max(1, ws // nodes)
-    return "single", 0, 0, 1, 1
+        return Launch("slurm", _env_int("SLURM_PROCID"), _env_int("SLURM_LOCALID", 0), ws, max(1, ws // nodes))
+    return Launch("single", 0, 0, 1, 1)
 
 
 def choose_gpu(local_rank: int, local_world_size: int, visible_count: int, cuda_visible_devices: str | None,
@@ -135,24 +155,27 @@ def setup(device: str = "auto", init_timeout_s: float = 600.0) -> Dist:
             os.environ.setdefault("MASTER_PORT", str(slurm_port()))
         dist.init_process_group(backend, store=_store(rank, world_size, timeout), rank=rank, world_size=world_size,
                                 timeout=timeout)
+    # Created once here (new_group is collective: every rank calls setup() in the same order).
+    cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
     node_rank = rank // max(1, local_world_size)
-    return Dist(rank, local_rank, world_size, local_world_size, node_rank, dev, backend, launcher)
+    return Dist(rank, local_rank, world_size, local_world_size, node_rank, dev, backend, launcher, cpu_group)
 
 
-def set_timeout(timeout_s: float) -> None:
-    """The default group's collective timeout from now on (gloo and NCCL honour it for later collectives).
+def set_timeout(timeout_s: float, group: dist.ProcessGroup | None = None) -> None:
+    """A group's collective timeout from now on (gloo and NCCL honour it for later collectives);
+    the default group if `group` is None.
 
     torch.distributed.set_timeout exists from 2.14, which deprecates _set_pg_timeout (FutureWarning);
     torch 2.4-2.13 (2.11 on the GPU machines) only have distributed_c10d._set_pg_timeout.
     """
     timeout = timedelta(seconds=timeout_s)
     if hasattr(dist, "set_timeout"):
-        dist.set_timeout(timeout)
+        dist.set_timeout(timeout, group)
     else:
-        dist.distributed_c10d._set_pg_timeout(timeout)
+        dist.distributed_c10d._set_pg_timeout(timeout, group)
 
 
-def end_warmup(timeout_s: float, device: torch.device) -> None:
+def end_warmup(timeout_s: float, device: torch.device, cpu_group: dist.ProcessGroup | None = None) -> None:
     """After the first training step (of this process: after a resume too): lower the collective
     timeout from dist.init_timeout_s to dist.timeout_s (collective).
 
@@ -166,6 +189,8 @@ def end_warmup(timeout_s: float, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     set_timeout(timeout_s)
+    if cpu_group is not None and cpu_group is not dist.group.WORLD:  # the gloo side group next to NCCL
+        set_timeout(timeout_s, cpu_group)
 
 
 def _store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
@@ -240,28 +265,94 @@ def agree_any(flag: bool, timeout_s: float) -> bool:
     return bool(t.item())
 
 
-def all_agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if any rank passed True (one tiny all-reduce)."""
-    t = torch.tensor([1 if flag else 0], device=device, dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 class StopRequest:
-    """Set by SIGTERM (torchrun, SLURM); read at step boundaries, where all ranks agree on it."""
+    """SIGTERM (torchrun, SLURM) and Ctrl-C, read at step boundaries where all ranks agree on them.
 
-    def __init__(self) -> None:
-        self.requested = False
+    The first SIGINT acts like SIGTERM: every rank stops at the same agreed step with a
+    checkpoint.  A second SIGINT exits at once (code 130, one line, no traceback); it is
+    acted on when the main thread next runs Python code, i.e. within a step, or once a
+    collective that waits on a hung peer times out.
+    """
+
+    def __init__(self, announce: bool = True) -> None:
+        self.signum = 0  # the strongest stop signal received (SIGTERM > SIGINT)
+        self.announce = announce  # print the Ctrl-C hint (launch rank 0 only: one line per job)
         signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
 
-    def _handle(self, signum, frame) -> None:
-        # Repeats are expected (slurmstepd and the torchrun agent may both forward one);
-        # torchrun and SLURM escalate to SIGKILL themselves if we never reach a step boundary.
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank if any rank was asked to stop (collective)."""
-        return all_agree(self.requested, device)
+    def _handle(self, signum: int, frame) -> None:
+        # Repeated SIGTERMs are expected (slurmstepd and the torchrun agent may both forward
+        # one); torchrun and SLURM escalate to SIGKILL themselves if we never reach a boundary.
+        if signum == signal.SIGINT:
+            if self.signum == signal.SIGINT:
+                _write_stderr("second interrupt: exiting now, without a checkpoint\n")
+                os._exit(128 + signal.SIGINT)  # at once: no finally blocks, no collectives, no traceback
+            if self.announce and self.signum == 0:
+                _write_stderr("interrupt: all ranks will stop at the next stop check (every few steps) and "
+                              "save a checkpoint; press Ctrl-C again to exit at once without one\n")
+        self.signum = max(self.signum, signum)
+
+    def agreed(self, group) -> int:
+        """The stop signal any rank received (0: carry on); the same value on every rank (collective).
+
+        A CPU tensor on a gloo group: the host takes part in a tiny all-reduce (~0.1 ms on one
+        node) while the GPU keeps working through its queue; no device copy, no .item() of a
+        device tensor, so the training loop never waits for the GPU here.
+        """
+        t = torch.tensor([self.signum], dtype=torch.int32)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return int(t.item())
+
+
+def _write_stderr(msg: str) -> None:
+    # os.write, not print: a signal handler may run while the main thread is inside a write
+    # to sys.stderr, and re-entering the buffered writer raises.
+    try:
+        os.write(2, msg.encode())
+    except OSError:
+        pass
+
+
+_TIMEOUT = re.compile(r"Timed out waiting (\d+)\s*ms|Timeout\(ms\)=(\d+)")  # gloo | NCCL's watchdog
+_PEER_GONE = re.compile(r"[Cc]onnection (?:closed|reset) by peer|[Bb]roken pipe")
+_OP_TYPE = re.compile(r"OpType=(\w+)")  # NCCL names the collective itself
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def collective_failure(exc: BaseException) -> str | None:
+    """One line for a collective that timed out or lost a peer (None: not such an error).
+
+    gloo raises a plain RuntimeError ("Timed out waiting 10000ms for recv operation to
+    complete", torch 2.11 and 2.14) that does not say which collective; the traceback
+    does: the torch.distributed function our code called (all_reduce,
+    broadcast_object_list...), or the autograd engine, inside which DDP all-reduces the
+    gradients.  (NCCL's watchdog usually ends the process itself, with its own message.)
+    """
+    msg = str(exc)
+    timed_out, gone = _TIMEOUT.search(msg), _PEER_GONE.search(msg)
+    if not (isinstance(exc, RuntimeError) and (timed_out or gone)):
+        return None
+    name, where = "", ""
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):  # outermost first
+        path, func = Path(frame.f_code.co_filename), frame.f_code.co_name
+        if "torch" in path.parts:
+            if not name and "autograd" in path.parts:
+                name = "DDP gradient all-reduce (in backward)"
+            elif not name and "distributed" in path.parts and not func.startswith("_") and func != "wrapper":
+                name = func  # the public torch.distributed call (not its logging decorator)
+        elif path.is_relative_to(_REPO) and "site-packages" not in path.parts:
+            where = f" at {path.name}:{lineno}"  # our innermost frame
+    op = _OP_TYPE.search(msg)
+    what = f"collective {op.group(1).lower() if op else name}" if op or name else "a collective"
+    if timed_out:
+        ms = next(g for g in timed_out.groups() if g)
+        return (f"{what} timed out after {int(ms) / 1000:g} s{where}: another rank died or hung "
+                f"(its log says which; dist.timeout_s sets the limit)")
+    return f"{what} failed{where}: another rank is gone ({gone.group(0)}); its log says why"
 
 
 def broadcast_object(obj, src: int = 0):

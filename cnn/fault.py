@@ -1,7 +1,7 @@
 """Failure rehearsal and what proves recovery: inject a fault, record every step's batch.
 
-``checkpoint.fault_step=K`` makes ``checkpoint.fault_rank`` fail at global step K,
-on the first attempt only (a restarted or requeued attempt runs through), so that
+``checkpoint.fault_step=K`` makes ``checkpoint.fault_rank`` fail at global step K
+(``checkpoint.fault_kind``: SIGKILL itself, raise, or hang), on the first attempt only (a restarted or requeued attempt runs through), so that
 a test or a user can watch torchrun or SLURM recover.  ``train.record_samples``
 logs a hash of each step's global batch, which a resumed run must reproduce.
 """
@@ -12,6 +12,7 @@ import hashlib
 import os
 import signal
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -31,6 +32,9 @@ def maybe_fault(cfg: CheckpointConfig, rank: int, step: int) -> None:
     print(f"fault injection: rank {rank} {cfg.fault_kind}s at step {step}", file=sys.stderr, flush=True)
     if cfg.fault_kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
+    if cfg.fault_kind == "hang":
+        while True:  # alive but never steps again (a deadlock, a stuck device): the peers' next
+            time.sleep(3600)  # collective times out; a launcher has to kill this process
     raise RuntimeError(f"fault injection at step {step} (checkpoint.fault_step)")
 
 

@@ -86,7 +86,7 @@ class Tracker(NullTracker):
         kwargs = dict(
             project=cfg.project,
             entity=cfg.entity or None,
-            group=group or None,
+            group=cfg.group or group or None,  # wandb.group, else the job id
             name=cfg.name or None,
             tags=list(cfg.tags) or None,
             notes=cfg.notes or None,

@@ -13,8 +13,10 @@ in place, each checked against the official MD5 of the uncompressed file:
 For machines without any network, ``write_packed`` stores the four verified files
 gzip-compressed (~11 MB) and ``ensure(root, packed=DIR)`` restores them from there.
 
-Writes go to a temporary file and are renamed into place, under a file lock in
-``root`` so that processes sharing a filesystem never race.
+Every file is written through ``cnn.files.write_atomic`` (temp file, fsync, rename;
+the mode a plain ``open()`` gives under the umask, so a shared ``data.root`` stays
+readable by the group), under a file lock in ``root`` so that processes sharing a
+filesystem never race.
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from filelock import FileLock
+
+from cnn.files import write_atomic
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -88,21 +92,6 @@ def verify(root: str | os.PathLike) -> list[str]:
         if md5sum(path) != digest:
             raise DataError(f"{path} fails its MD5 check (corrupt): {fix_hint(root)}")
     return missing
-
-
-def write_atomic(path: Path, payload: bytes) -> None:
-    """Temp file in the same folder, fsync, rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def idx_images(images: np.ndarray) -> bytes:
@@ -193,9 +182,8 @@ def from_torchvision(root: str | os.PathLike) -> None:
         for name, digest in MD5.items():
             if md5sum(raw_dir(scratch) / name) != digest:
                 raise DataError(f"{name} downloaded by torchvision fails its MD5 check")
-        for name in MD5:
-            raw_dir(root).mkdir(parents=True, exist_ok=True)
-            os.replace(raw_dir(scratch) / name, raw_dir(root) / name)
+        for name in MD5:  # rewritten, not moved: the files get the umask's mode and an fsync
+            write_atomic(raw_dir(root) / name, (raw_dir(scratch) / name).read_bytes())
     finally:
         socket.setdefaulttimeout(old_timeout)
         shutil.rmtree(scratch, ignore_errors=True)

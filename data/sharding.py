@@ -70,6 +70,18 @@ def epoch_indices(num_samples: int, rank: int, world_size: int, seed: int, epoch
     return torch.tensor(list(sampler), dtype=torch.long)
 
 
+def to_device(indices: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An epoch's indices onto the device without making the host wait for the GPU.
+
+    A copy from pageable memory blocks the host until the GPU has drained its queue up to
+    the copy; from pinned memory with non_blocking=True it is queued like a kernel (torch's
+    caching host allocator keeps the pinned buffer alive until the copy has run).
+    """
+    if device.type != "cuda":
+        return indices.to(device)
+    return indices.pin_memory().to(device, non_blocking=True)
+
+
 def batch_indices(share: torch.Tensor, step_in_epoch: int, per_rank_batch: int) -> torch.Tensor:
     """The rank's indices for one step: a slice of its share of the epoch."""
     start = step_in_epoch * per_rank_batch

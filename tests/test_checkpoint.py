@@ -1,5 +1,7 @@
-import torch
+import copy
+
 import pytest
+import torch
 
 from cnn import checkpoint
 from cnn.model import CNN
@@ -94,3 +96,112 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path):
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step-00000010.pt"]
     assert list((tmp_path / "checkpoints").glob(".step-00000020.pt.*.tmp")), "the partial write should be a temp file"
     assert checkpoint.find_resume("auto", tmp_path, _check, print)["step"] == 10
+
+
+def _configs(**now_overrides):
+    from cnn import config
+    saved = config.to_dict(config.build(None, ["optim.lr=0.002"]))
+    now = config.to_dict(config.build(None, ["optim.lr=0.01", *now_overrides.get("extra", [])]))
+    return saved, now
+
+
+def test_config_mismatch_names_the_key_both_values_and_the_ways_out():
+    saved, now = _configs(extra=["run.dir=/runs/mine"])
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.check_config(saved, now, "/runs/mine")
+    msg = str(info.value)
+    assert msg == ("/runs/mine: optim.lr was 0.002 when saved but is 0.01 now: pass optim.lr=0.002 to continue "
+                   "this run, or pass another run.dir to start a new run")
+    assert "checkpoint.resume=never" not in msg  # in the same folder it would mix two runs' checkpoints
+
+
+def test_config_mismatch_with_an_explicit_checkpoint_does_not_blame_run_dir():
+    """The user already chose a new run.dir; the way out is the checkpoint, not the folder."""
+    saved, now = _configs(extra=["run.dir=/runs/new", "checkpoint.resume=/runs/old/step-00000010.pt"])
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        checkpoint.check_config(saved, now, "/runs/old/step-00000010.pt")
+    msg = str(info.value)
+    assert "optim.lr was 0.002 when saved but is 0.01 now" in msg
+    assert msg.endswith("pass optim.lr=0.002 to continue from this checkpoint, or drop checkpoint.resume to start fresh")
+    assert "run.dir" not in msg
+
+
+def test_changed_precision_or_layout_is_not_a_mismatch():
+    from cnn import config
+    saved = config.to_dict(config.build(None, []))
+    now = config.to_dict(config.build(None, ["precision=fp16", "train.channels_last=false"]))
+    checkpoint.check_config(saved, now, "x")  # adapted by restore(), below
+
+
+def test_missing_explicit_checkpoint_is_an_error_naming_the_key(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match=r"^checkpoint.resume: /no/such.pt: no such checkpoint file"):
+        checkpoint.find_resume("/no/such.pt", tmp_path, _check, print)
+
+
+def _trained(channels_last: bool, fp16: bool):
+    """A model, fused Adam and scaler after one step, in the given layout and precision (CPU)."""
+    torch.manual_seed(0)
+    model = CNN()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=fp16)
+    return model, opt, scaler
+
+
+def _step(model, opt, scaler, channels_last: bool, fp16: bool):
+    torch.manual_seed(1)
+    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("saved_cl, now_cl", [(True, False), (False, True)])
+def test_restore_puts_optimizer_state_in_the_new_memory_format(saved_cl, now_cl):
+    """Fused Adam walks memory linearly: state in the old layout would silently pair the wrong
+    elements on CPU (and fail on CUDA). After restore() the next step equals a step taken
+    with the same values laid out natively."""
+    model, opt, scaler = _trained(saved_cl, False)
+    _step(model, opt, scaler, saved_cl, False)
+    saved = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
+    runs = []
+    for restore in (checkpoint.restore, None):
+        state = copy.deepcopy(saved)  # as torch.load gives it: tensors that alias nothing
+        m, o, s = _trained(now_cl, False)
+        if restore:
+            notes = restore(state, m, o, s)
+            assert any("memory format" in n for n in notes)
+        else:  # the reference: the same values loaded with strides converted by hand
+            m.load_state_dict(state["model"])
+            o.load_state_dict(state["optimizer"])
+            for p, slots in o.state.items():
+                for k, v in slots.items():
+                    if v.shape == p.shape:
+                        slots[k] = torch.empty_like(p).copy_(v)
+        for p, slots in o.state.items():
+            assert all(v.stride() == p.stride() for v in slots.values() if v.shape == p.shape)
+        _step(m, o, s, now_cl, False)
+        runs.append(m.state_dict())
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+def test_restore_into_fp16_starts_a_fresh_scaler_and_fp16_state_loads_anywhere():
+    model, opt, scaler = _trained(True, False)
+    _step(model, opt, scaler, True, False)
+    fp32 = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scaler": scaler.state_dict()}
+    assert fp32["scaler"] == {}  # a disabled scaler saves nothing: loading it into fp16's raised before
+    m, o, s = _trained(True, True)
+    assert checkpoint.restore(fp32, m, o, s) == ["fp16 loss scaler starts fresh (the checkpoint was saved without fp16)"]
+    _step(m, o, s, True, True)
+    fp16 = {"model": m.state_dict(), "optimizer": o.state_dict(), "scaler": s.state_dict()}
+    m2, o2, s2 = _trained(True, True)
+    assert checkpoint.restore(fp16, m2, o2, s2) == [] and s2.get_scale() == s.get_scale()
+    m3, o3, s3 = _trained(True, False)
+    assert checkpoint.restore(fp16, m3, o3, s3) == []  # back to fp32: the scaler state is not needed

@@ -52,7 +52,8 @@ def test_wandb_agent_style_arguments():
         ("optim.schedule=step", "optim.schedule"),
         ("train.compile_mode=fast", "train.compile_mode"),
         ("wandb.mode=sometimes", "wandb.mode"),
-        ("checkpoint.resume=/no/such/file.pt", "checkpoint.resume"),
+        ("checkpoint.resume=", "checkpoint.resume"),
+        ("checkpoint.fault_kind=freeze", "checkpoint.fault_kind"),
         ("checkpoint.keep=0", "checkpoint.keep"),
         ("dist.timeout_s=0", "dist.timeout_s"),
         ("dist.init_timeout_s=30", "dist.init_timeout_s"),  # shorter than dist.timeout_s (60)
@@ -82,6 +83,37 @@ def test_global_batch_must_divide_by_world_size():
     validate(cfg, world_size=4)
     with pytest.raises(ConfigError, match="train.batch_size.*world size 3"):
         validate(cfg, world_size=3)
+
+
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
+                 "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_NODES")
+
+
+@pytest.mark.parametrize("env, world_size", [
+    # plain `python train_ddp.py` inside an salloc of 3 tasks: no job step, so one process
+    ({"SLURM_NTASKS": "3", "SLURM_JOB_ID": "7"}, 1),
+    ({"SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3", "SLURM_PROCID": "0"}, 3),  # srun: 3 tasks
+    ({"SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}, 1),  # srun --ntasks=1 in it
+    ({"SLURM_NTASKS": "3", "RANK": "0", "WORLD_SIZE": "2"}, 2),  # torchrun inside the allocation
+])
+def test_world_size_comes_from_the_launcher_detection(monkeypatch, env, world_size):
+    """Validation and setup() read the world size from one place, distributed.launch_env."""
+    from cnn.distributed import launch_env
+    for name in LAUNCHER_VARS:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert launch_env().world_size == world_size
+    if world_size == 3:  # the global batch of 2 is divisible by 1 and 2, not by 3
+        with pytest.raises(ConfigError, match="train.batch_size: global batch 2 is not divisible by the world size 3"):
+            build(None, ["train.batch_size=2"])
+    else:
+        build(None, ["train.batch_size=2"])
+
+
+def test_checkpoint_path_is_not_checked_at_config_time():
+    """Rank 0 reads it (cnn.checkpoint.resume): other nodes need not see the file."""
+    assert build(None, ["checkpoint.resume=/only/on/rank0/step-00000010.pt"]).checkpoint.resume.startswith("/only")
 
 
 def test_bad_config_exits_2_with_one_line():

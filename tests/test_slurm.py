@@ -114,7 +114,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_pa
     info = wait(cluster, job, timeout=300)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
-    assert "preemption signal: checkpointing and requeueing" in log
+    assert f"preemption signal: checkpointing job {job}" in log and f"requeueing {job} (requeue 1 of at most 3)" in log
     stopped = re.search(r"SIGTERM: stopped at step (\d+)", log)
     assert stopped and int(stopped.group(1)) >= 30, log[-3000:]
     assert f"resumed from step {stopped.group(1)}" in log, "restarted from scratch instead of the checkpoint"
@@ -128,3 +128,38 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_pa
     steps = [r["step"] for r in read_metrics(metrics, "train")]
     assert steps == sorted(set(steps))
 
+
+
+def test_array_preempting_one_task_requeues_only_that_task(cluster, mnist_root, tmp_path):
+    """An array of 2 seeds: USR1 to one task's batch shell checkpoints and requeues that task
+    alone; the other runs through untouched. The preempted task is the one whose job id is
+    the array's own id, where addressing $SLURM_JOB_ID would signal and requeue every task."""
+    args = [f"data.root={mnist_root}", "data.train_subset=9600", "train.batch_size=64", "train.epochs=1",
+            "train.log_every=10", "wandb.mode=disabled", "train.roofline=false", "data.test_subset=1000"]
+    proc = sbatch(cluster, tmp_path, "array_seeds.sbatch", *args,
+                  options=["--array=0-1", f"--output={tmp_path}/slurm-%A_%a.out"])
+    assert proc.returncode == 0, proc.stderr
+    array = proc.stdout.strip().split(";")[0]
+    tasks = [f"{array}_{t}" for t in (0, 1)]
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not all(job_info(cluster, t).get("JobState") == "RUNNING" for t in tasks):
+        time.sleep(0.3)
+    victim = next(t for t in tasks if job_info(cluster, t)["JobId"] == array)
+    other = next(t for t in tasks if t != victim)
+    metrics = tmp_path / "runs" / victim / "metrics.jsonl"
+    while time.monotonic() < deadline and not (metrics.exists() and '"step": 10' in metrics.read_text()):
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", victim], env=cluster, check=True)
+    infos = {t: wait(cluster, t, timeout=300) for t in tasks}
+    logs = {t: (tmp_path / f"slurm-{t}.out").read_text() for t in tasks}
+
+    assert infos[victim]["JobState"] == "COMPLETED" and infos[victim]["Restarts"] == "1", logs[victim][-3000:]
+    assert f"preemption signal: checkpointing job {victim}" in logs[victim]
+    stopped = re.search(r"SIGTERM: stopped at step (\d+)", logs[victim])
+    assert stopped and f"resumed from step {stopped.group(1)}" in logs[victim], logs[victim][-3000:]
+    assert infos[other]["JobState"] == "COMPLETED" and infos[other]["Restarts"] == "0", logs[other][-3000:]
+    assert not re.search("preemption|SIGTERM|resumed", logs[other]), "the other task was signalled or requeued"
+    for t in tasks:  # one run folder per task, each finished, each with its own seed
+        s = read_summary(tmp_path / "runs" / t)
+        assert s["steps"] == 150 and s["eval_count"] == 1000
+        assert f"seed: {t.split('_')[1]}\n" in (tmp_path / "runs" / t / "config.yaml").read_text()

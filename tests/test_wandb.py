@@ -113,6 +113,17 @@ def test_online_without_key_or_server_falls_back_with_one_warning(tmp_path, monk
         assert took < 60, f"{case}: {took:.0f} s"
 
 
+def test_wandb_group_overrides_the_job_id(tmp_path, monkeypatch):
+    """wandb.group wins over the job id (slurm/array_seeds.sbatch groups its tasks by the array id)."""
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    rd = RunDir(tmp_path)
+    tracker = Tracker(rd, "seed: 0\n", WandbConfig(mode="offline", group="4242"), {"seed": 0}, group="4242_1")
+    tracker.finish()
+    runs = [r.run for r in wr.records(_run_files(tmp_path)[0]) if r.WhichOneof("record_type") == "run"]
+    assert runs and runs[0].run_group == "4242"
+
+
 def test_sweep_parameters_are_config_keys():
     """Every swept parameter, passed as the agent passes it (--key=value), is a valid override."""
     import yaml  # PyYAML, which omegaconf depends on
