@@ -48,6 +48,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
     run = RunDir(distributed.broadcast_object(str(rundir.resolve(cfg.run.dir))))
+    if error := distributed.on_rank0(run.create, d.is_main):  # every rank stops at once, with rank 0's reason
+        raise rundir.RunDirError(error)
     out = console.make_console(d.is_main)
     out.info(f"world size {d.world_size} ({d.launcher}, {d.num_nodes} node(s)), backend {d.backend}, device {d.device}")
 
@@ -101,8 +103,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                                   d.world_size, spe)
     exit_code = 1
     try:
-        if state is not None:
-            tracker.truncate_after(start_step)
+        tracker.truncate_after(start_step)  # records of an attempt that died after its last checkpoint (or before the first)
         tracker.log(record("start", start_step, start_step // spe, **facts), stream=False)  # in W&B's config
 
         # ---- the loop
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(cfg, d, stop)
-    except (mnist.DataError, checkpoint.CheckpointError, distributed.SideGroupError, FloatingPointError) as exc:
+    except (mnist.DataError, checkpoint.CheckpointError, rundir.RunDirError, distributed.SideGroupError,
+            FloatingPointError) as exc:
         console.error(exc)
         return 1
     except RuntimeError as exc:  # a peer died or hung: one line naming the collective, not a traceback

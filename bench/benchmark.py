@@ -34,6 +34,7 @@ sys.path.insert(0, str(REPO))
 from cnn.model import TRAIN_FLOPS_PER_IMAGE  # noqa: E402
 from cnn.perf import matmul_peak_gflops  # noqa: E402
 from cnn.rundir import read_metrics, read_summary  # noqa: E402
+from data import mnist  # noqa: E402
 
 QUICK_STEPS = 30  # --quick: three log windows of 10 steps, a median of the last two; no time-to-99
 EVAL_IMAGES = 6_400  # evaluate every 6,400 training images (50 of our steps, 200 of the tutorial's), in both
@@ -94,6 +95,13 @@ def main() -> None:
     p.add_argument("--root", default="datasets")
     p.add_argument("--json", type=Path, default=REPO / "bench" / "results" / "benchmark.json")
     args = p.parse_args()
+    try:  # every row reads MNIST from --root: a missing or damaged copy is one line, before any run
+        if missing := mnist.verify(args.root):
+            raise mnist.DataError(f"{mnist.raw_dir(args.root) / missing[0]} is missing: "
+                                  f"run python -m data.prepare --root {args.root}")
+    except mnist.DataError as exc:
+        print(f"error: --root: {exc}", file=sys.stderr)
+        sys.exit(2)
     cores = os.cpu_count() or 1
     torch.set_num_threads(cores)
     roof_s = 0.2 if args.quick else 1.0

@@ -27,6 +27,7 @@ import torch
 from cnn import distributed
 from cnn.files import write_atomic
 from cnn.model import CNN
+from cnn.rundir import CONFIG, RunDir
 
 FORMAT_VERSION = 1
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
@@ -153,6 +154,20 @@ def check_config(saved: dict[str, Any], now: dict[str, Any], source: str) -> Non
         )
 
 
+def check_folder(run_dir: Path, config: dict[str, Any]) -> None:
+    """A run.dir without a usable checkpoint but with another run's config.yaml (one that
+    differs in a must-match key) is another run's folder: refuse to mix the two."""
+    saved_path = RunDir(run_dir).file(CONFIG)
+    if not saved_path.is_file():
+        return
+    try:
+        saved = RunDir(run_dir).read_config()
+    except Exception as exc:
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        raise CheckpointError(f"run.dir '{run_dir}': its {CONFIG} cannot be read ({first})") from None
+    check_config(saved if isinstance(saved, dict) else {}, config, f"run.dir '{run_dir}' holds another run ({CONFIG})")
+
+
 def fits_model(state_dict: dict) -> None:
     """Raise if the weights are not the seed CNN's (for load()'s check_model)."""
     CNN().load_state_dict(state_dict)
@@ -172,6 +187,8 @@ def resume(resume_from: str, config: dict[str, Any], run_dir: Path, is_main: boo
             payload = find_resume(resume_from, run_dir, fits_model, warn)
             if payload is not None:
                 check_config(payload["config"], config, str(resume_from if resume_from != "auto" else run_dir))
+            elif resume_from == "auto":
+                check_folder(run_dir, config)
         except CheckpointError as exc:
             payload = str(exc)
     payload = distributed.broadcast_object(payload)

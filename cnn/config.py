@@ -32,6 +32,7 @@ from cnn.distributed import launch_env
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("onecycle", "cosine", "constant")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in project, entity and group names
 WANDB_MODES = ("online", "offline", "disabled")
 FAULT_KINDS = ("kill", "raise", "hang")
 
@@ -196,6 +197,8 @@ def _one_line(exc: OmegaConfBaseException) -> str:
     """omegaconf's messages span several lines (full_key, object_type...): keep the gist."""
     msg = str(exc).splitlines()[0].strip()
     key = getattr(exc, "full_key", None)
+    if key and "is not a ListConfig" in msg:  # e.g. wandb.tags=x
+        return f"{key}: expects a list, e.g. {key}=[a,b]"
     return f"{key}: {msg}" if key and key not in msg else msg
 
 
@@ -336,6 +339,11 @@ def unknown_key(key: str, allowed: Iterable[str] | None = None) -> ConfigError:
 
 def check_key(key: str, allowed: Iterable[str] | None = None) -> None:
     """Raise ConfigError unless `key` is a schema key (and one of `allowed`, if given)."""
+    if not key:
+        raise ConfigError("an override has no key before its '=' (overrides are key=value)")
+    if key in sections():
+        example = next(k for k in key_names() if k.startswith(key + "."))
+        raise ConfigError(f"'{key}' is a section, not a key: set its keys one by one, e.g. {example}=...")
     if key not in key_names():
         raise unknown_key(key, allowed)
     if allowed is not None and key not in allowed:
@@ -366,6 +374,37 @@ def _normalize_overrides(overrides: Sequence[str], allowed: Iterable[str] | None
     return out
 
 
+def load_file(path: Path) -> Any:
+    """A --config file as an omegaconf mapping; ConfigError (one line, naming the file) for a file
+    that is missing, not a file, unreadable, not UTF-8, not valid YAML, empty, or not a mapping."""
+    import yaml  # omegaconf's own YAML library
+
+    if not path.exists():
+        raise ConfigError(f"config file '{path}' does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (not a YAML file?)") from None
+    except OSError as exc:
+        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file '{path}' is not valid YAML ({where}{problem})") from None
+    if data is None or data == {}:
+        raise ConfigError(f"config file '{path}' holds no keys (leave out --config for the schema defaults)")
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of keys (e.g. 'train: {{epochs: 3}}'), "
+                          f"not a {type(data).__name__}")
+    loaded = OmegaConf.create(text)  # omegaconf's own YAML loader: reads 1e-3 as a float, as PyYAML does not
+    return loaded
+
+
 def build(config_file: str | os.PathLike | None = None, overrides: Sequence[str] = (), *,
           base: dict[str, Any] | None = None, allowed: Iterable[str] | None = None,
           world_size: int | None = None) -> Config:
@@ -381,12 +420,12 @@ def build(config_file: str | os.PathLike | None = None, overrides: Sequence[str]
             layers.append(OmegaConf.create(base))
         if config_file:
             path = Path(config_file)
-            if not path.is_file():
-                raise ConfigError(f"config file '{path}' does not exist")
-            loaded = OmegaConf.load(path)
+            loaded = load_file(path)
             for key in _flat_keys(OmegaConf.to_container(loaded)):
-                if key not in key_names():
-                    raise ConfigError(f"{path}: {unknown_key(key)}")
+                try:
+                    check_key(key)
+                except ConfigError as exc:
+                    raise ConfigError(f"{path}: {exc}") from None
             layers.append(loaded)
         layers.append(OmegaConf.from_dotlist(_normalize_overrides(overrides, allowed)))
         merged = OmegaConf.merge(*layers)
@@ -463,6 +502,12 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     # nodes need not see the file, and their error arrives with rank 0's broadcast.
     _check(c.resume.strip() != "", "checkpoint.resume", "must be auto, never or a checkpoint path")
     _check(w.mode in WANDB_MODES, "wandb.mode", f"'{w.mode}' is not one of {', '.join(WANDB_MODES)}")
+    for key, value in (("wandb.project", w.project), ("wandb.entity", w.entity), ("wandb.group", w.group)):
+        # W&B refuses these at init (wandb/sdk/wandb_settings.py: project names "cannot contain characters
+        # '/,\\,#,?,%,:'"; names of up to 128 characters): say so now, naming the key
+        bad = sorted(set(value) & set(WANDB_FORBIDDEN))
+        _check(not bad, key, f"'{value}' cannot contain {' '.join(bad)} (W&B forbids {' '.join(WANDB_FORBIDDEN)})")
+        _check(len(value) <= 128, key, f"is {len(value)} characters long; W&B allows 128")
     _check(
         w.log_every >= 0 and w.log_every % t.log_every == 0,
         "wandb.log_every",

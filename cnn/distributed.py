@@ -48,12 +48,23 @@ class Dist:
 
 
 def _env_int(name: str, default: int | None = None) -> int:
+    """An integer the launcher put in the environment; ValueError naming the variable if it is not one."""
     value = os.environ.get(name)
     if value is None:
         if default is None:
-            raise KeyError(name)
+            raise ValueError(f"{name} is not set")
         return default
-    return int(value)
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer") from None
+
+
+def _check_rank(rank_name: str, rank: int, size_name: str, size: int) -> None:
+    if size < 1:
+        raise ValueError(f"{size_name}={size} must be >= 1")
+    if not 0 <= rank < size:
+        raise ValueError(f"{rank_name}={rank} is not a rank of {size_name}={size} (0..{size - 1})")
 
 
 def first_slurm_host() -> str:
@@ -86,13 +97,31 @@ def launch_env() -> Launch:
     SLURM_PROCID); a plain ``python train_ddp.py`` in an ``salloc`` of 3 tasks
     (SLURM_NTASKS=3, no step) is world size 1.
     """
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # torchrun (or a hand-made launch)
-        ws = _env_int("WORLD_SIZE")
-        return Launch("torchrun", _env_int("RANK"), _env_int("LOCAL_RANK", 0), ws, _env_int("LOCAL_WORLD_SIZE", ws))
+    has_rank, has_size = "RANK" in os.environ, "WORLD_SIZE" in os.environ
+    if has_rank != has_size:  # half a launch: never guess a world size
+        there, missing = ("RANK", "WORLD_SIZE") if has_rank else ("WORLD_SIZE", "RANK")
+        raise ValueError(f"{there} is set but {missing} is not: start under torchrun (which sets both), "
+                         f"or unset {there} for a single process")
+    if has_rank:  # torchrun (or a hand-made launch)
+        ws, rank = _env_int("WORLD_SIZE"), _env_int("RANK")
+        local_rank, lws = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", ws)
+        _check_rank("RANK", rank, "WORLD_SIZE", ws)
+        _check_rank("LOCAL_RANK", local_rank, "LOCAL_WORLD_SIZE", lws)
+        for name in ("MASTER_ADDR", "MASTER_PORT"):  # the rendezvous store; torchrun sets both
+            if not os.environ.get(name):
+                raise ValueError(f"{name} is not set (RANK and WORLD_SIZE are): start under torchrun, or set "
+                                 f"MASTER_ADDR and MASTER_PORT to rank 0's host and a free port")
+        port = _env_int("MASTER_PORT")
+        if not 0 < port < 65536:
+            raise ValueError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
+        return Launch("torchrun", rank, local_rank, ws, lws)
     if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:  # srun, one task per GPU
-        ws = _env_int("SLURM_STEP_NUM_TASKS")
+        ws, rank = _env_int("SLURM_STEP_NUM_TASKS"), _env_int("SLURM_PROCID")
         nodes = _env_int("SLURM_STEP_NUM_NODES", 1)
-        return Launch("slurm", _env_int("SLURM_PROCID"), _env_int("SLURM_LOCALID", 0), ws, max(1, ws // nodes))
+        _check_rank("SLURM_PROCID", rank, "SLURM_STEP_NUM_TASKS", ws)
+        if nodes < 1:
+            raise ValueError(f"SLURM_STEP_NUM_NODES={nodes} must be >= 1")
+        return Launch("slurm", rank, _env_int("SLURM_LOCALID", 0), ws, max(1, ws // nodes))
     return Launch("single", 0, 0, 1, 1)
 
 
@@ -215,8 +244,8 @@ def cleanup() -> None:
 def once_per_node(fn: Callable[[], None], local_rank: int, timeout_s: float) -> str | None:
     """Run fn on local rank 0 of each node while the node's other ranks wait.
 
-    Returns None when it succeeded everywhere, else the error to raise on this rank:
-    fn's own message where it failed, or a pointer to the node whose log says why.
+    Returns None when it succeeded everywhere, else the error to raise on this rank: fn's
+    own message where it failed, else the first failed rank's (the same line on every rank).
     Nobody waits for the collective timeout: the failure is part of the barrier.
     """
     error = None
@@ -225,10 +254,8 @@ def once_per_node(fn: Callable[[], None], local_rank: int, timeout_s: float) -> 
             fn()
         except Exception as exc:
             error = str(exc)
-    failed = agree_any(error is not None, timeout_s)
-    if error is None and failed:
-        error = "failed on another node (see its log)"
-    return error
+    agreed = agree_error(error, timeout_s)  # every rank joins the barrier, the failed one too
+    return error or agreed
 
 
 class SideGroupError(RuntimeError):
@@ -244,8 +271,8 @@ def side_group_error(exc: BaseException, timeout_s: float) -> str:
             f"or raise dist.data_timeout_s ({timeout_s:g} s) if a rank was still fetching MNIST")
 
 
-def agree_any(flag: bool, timeout_s: float) -> bool:
-    """A barrier that also tells every rank whether any rank raised `flag`.
+def agree_error(error: str | None, timeout_s: float) -> str | None:
+    """A barrier that also tells every rank the first error any rank brought to it (None: none).
 
     It runs on a gloo side-group with its own (long) timeout: local rank 0 may be
     downloading MNIST while the others wait, and the main group's short timeout
@@ -254,15 +281,31 @@ def agree_any(flag: bool, timeout_s: float) -> bool:
     failure raises SideGroupError that names GLOO_SOCKET_IFNAME.
     """
     if dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        return error
+    errors: list[str | None] = [None] * dist.get_world_size()
     try:
         group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        dist.all_gather_object(errors, error, group=group)
     except (RuntimeError, ValueError, OSError) as exc:  # DistError, DistBackendError and gloo's own
         raise SideGroupError(side_group_error(exc, timeout_s)) from None
     dist.destroy_process_group(group)
-    return bool(t.item())
+    return next((e for e in errors if e), None)
+
+
+def on_rank0(fn: Callable[[], None], is_main: bool) -> str | None:
+    """Run fn on global rank 0 only and tell every rank whether it failed (collective).
+
+    For work that one rank does for all (creating the run folder): a failure there becomes
+    the same one-line error on every rank at once, instead of rank 0 exiting while the
+    others wait in their next collective.  Returns None, or the error's message.
+    """
+    error = None
+    if is_main:
+        try:
+            fn()
+        except Exception as exc:
+            error = str(exc)
+    return broadcast_object(error)
 
 
 class StopRequest:

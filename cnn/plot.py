@@ -72,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print("error: matplotlib is needed: pip install -e '.[plot]'", file=sys.stderr)
         return 2
-    written = curves(run, plt)
-    if run.file(PREDICTIONS).is_file():
-        written.append(prediction_grid(run, plt))
+    try:
+        written = curves(run, plt)
+        if run.file(PREDICTIONS).is_file():
+            written.append(prediction_grid(run, plt))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # a damaged run folder or data.root
+        detail = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+        print(f"error: {args.run_dir}: cannot draw this run ({type(exc).__name__}: {detail})", file=sys.stderr)
+        return 1
     print("\n".join(str(p) for p in written))
     return 0
 

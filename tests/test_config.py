@@ -94,7 +94,8 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_
     ({"SLURM_NTASKS": "3", "SLURM_JOB_ID": "7"}, 1),
     ({"SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "3", "SLURM_PROCID": "0"}, 3),  # srun: 3 tasks
     ({"SLURM_NTASKS": "3", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}, 1),  # srun --ntasks=1 in it
-    ({"SLURM_NTASKS": "3", "RANK": "0", "WORLD_SIZE": "2"}, 2),  # torchrun inside the allocation
+    ({"SLURM_NTASKS": "3", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"},
+     2),  # torchrun inside the allocation
 ])
 def test_world_size_comes_from_the_launcher_detection(monkeypatch, env, world_size):
     """Validation and setup() read the world size from one place, distributed.launch_env."""

@@ -78,6 +78,8 @@ def fake_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_device", lambda dev: calls.append(("set_device", str(dev))))
     monkeypatch.setattr(distributed.dist, "init_process_group",
                         lambda backend, **kw: calls.append(("init", backend, kw["timeout"])))
+    # the gloo side group beside NCCL (the stop check's): recorded too
+    monkeypatch.setattr(distributed.dist, "new_group", lambda backend, **kw: calls.append(("group", backend)))
     return calls
 
 
@@ -88,7 +90,7 @@ def test_setup_leaves_nccl_error_handling_to_torch(fake_cuda):
     d = distributed.setup("cuda", init_timeout_s=600)
     assert dict(os.environ) == before
     assert d.device == torch.device("cuda", 0) and d.backend == "nccl"
-    assert fake_cuda == [("set_device", "cuda:0"), ("init", "nccl", timedelta(seconds=600))]
+    assert fake_cuda == [("set_device", "cuda:0"), ("init", "nccl", timedelta(seconds=600)), ("group", "gloo")]
 
 
 def test_setup_refuses_shared_gpu_before_the_group_starts(fake_cuda, monkeypatch):
