@@ -12,7 +12,7 @@ One script for every launcher:
 The global batch (train.batch_size) is split evenly over the ranks, so results
 do not depend on how many processes share the work.  Outputs go to run.dir (see
 cnn/rundir.py): config.yaml, metrics.jsonl, summary.json, predictions.pt,
-checkpoints/, and W&B's wandb_run_id.txt and wandb/.  Exit codes: 0 done,
+checkpoints/, profile/ (train.profile_steps), and W&B's wandb_run_id.txt and wandb/.  Exit codes: 0 done,
 1 error, 2 bad configuration, 143 stopped by SIGTERM after a checkpoint
 (re-run with the same run.dir to resume).
 """
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cnn import checkpoint, config, console, distributed, fault, perf, precision, rundir
+from cnn.profile import make_profiler
 from cnn.config import Config, ConfigError
 from cnn.evaluate import evaluate
 from cnn.model import CNN
@@ -95,7 +96,9 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     peak = perf.job_peak_gflops(d.device, torch.bfloat16 if prec.name == "bf16" else torch.float32, cfg.train.roofline)
     facts = job_facts(d, prec.name, global_batch, peak, spe, total_steps)
     out.info(f"run dir {run}\n--- resolved config ---\n{config.to_yaml(cfg)}---")
-    tracker = make_tracker(d.is_main, run, config.to_yaml(cfg), cfg.wandb, {**config_dict, **facts}, rundir.job_id())
+    tracker = make_tracker(d.is_main, run, config.to_yaml(cfg), cfg.wandb, {**config_dict, **facts})
+    ranks = perf.make_rank_stats(cfg.train.rank_stats, raw, d.device, d.world_size, out.warn,
+                                 cfg.train.debug_delay_ms if d.rank == cfg.train.debug_delay_rank else 0.0)
     saver = checkpoint.make_saver(d.is_main, run.path, cfg.checkpoint.keep, raw, opt, prec.scaler, config_dict,
                                   d.world_size, spe)
     exit_code = 1
@@ -106,6 +109,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
 
         # ---- the loop
         out.start(total_steps, start_step)
+        profiler = make_profiler(cfg.train.profile_steps, total_steps, start_step, run, d.rank, d.device, out, tracker)
         window, share, last_eval, step = perf.Window(d.device), None, None, start_step
         while step < total_steps:
             epoch, s = divmod(step, spe)
@@ -121,12 +125,14 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
             prec.scaler.scale(loss).backward()
+            ranks.after_backward()
             prec.scaler.step(opt)
             prec.scaler.update()
             opt.zero_grad(set_to_none=True)
             window.add(loss, logits, y)
             step += 1
             out.advance()
+            profiler.step(step)
 
             # what this step boundary does
             epoch_end = step % spe == 0 or step == total_steps
@@ -141,7 +147,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                 train_loss, train_acc, images, seconds = window.close(d.world_size, global_batch)
                 progress.add(images, seconds)
                 lr, tp = opt.param_groups[0]["lr"], perf.throughput(images, seconds, peak)
-                tracker.log(record("train", step, epoch, train_loss=train_loss, train_accuracy=train_acc, lr=lr, **tp))
+                tracker.log(record("train", step, epoch, train_loss=train_loss, train_accuracy=train_acc, lr=lr, **tp,
+                                   train_seconds=progress.train_seconds, **ranks.close(seconds, step)))
                 if not epoch_end:
                     out.status(f"step {step}/{total_steps} epoch {epoch} loss {train_loss:.4f} acc {train_acc:.4f} "
                                f"lr {lr:.2e} {tp['images_per_sec']:.0f} img/s", loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}")
@@ -187,7 +194,8 @@ def log_eval(tracker, out: console.NullConsole, progress: Progress, peak: float,
              epoch_end: bool, ev, train_loss: float, train_acc: float) -> None:
     """Record an evaluation: an "eval" record mid-epoch; at an epoch's end an "epoch" record with
     the epoch's throughput, and its line on the console."""
-    test = {"test_loss": ev.loss, "test_accuracy": ev.accuracy, "eval_count": ev.count}
+    test = {"test_loss": ev.loss, "test_accuracy": ev.accuracy, "eval_count": ev.count,
+            "train_seconds": progress.train_seconds}
     if not epoch_end:
         tracker.log(record("eval", step, epoch, **test))
         return

@@ -72,6 +72,14 @@ class TrainConfig:
     """Measure the matmul roofline at start-up (~0.6 s) for MFU; false reports MFU as 0."""
     record_samples: bool = False
     """Log a hash of every step's global batch to metrics.jsonl (one all-gather per step)."""
+    rank_stats: bool = True
+    """Per log window, gather each rank's compute time, all-reduce wait (ms/step) and memory: spread, slowest rank, straggler warning."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[START, END]: a torch.profiler trace of global steps START..END (from 1, inclusive) per rank in run.dir/profile/; [] = off."""
+    debug_delay_ms: float = 0.0
+    """For tests: rank debug_delay_rank sleeps this many milliseconds in every backward (a rehearsed straggler; 0 = off)."""
+    debug_delay_rank: int = 0
+    """For tests: the global rank that debug_delay_ms slows down."""
 
 
 @dataclass
@@ -125,9 +133,9 @@ class WandbConfig:
     entity: str = ""
     """W&B entity (user or team); '' = your default."""
     group: str = ""
-    """Run group; '' = the SLURM job id or torchrun run id, so restarts group together."""
+    """Run group, to compare runs side by side (a sweep or a SLURM array may set it); '' = no group."""
     name: str = ""
-    """Run name; '' = W&B's choice."""
+    """Run name; '' = what sets the run apart: world size, precision, global batch, peak lr, seed (ws2-fp32-b128-lr4e-3-s0)."""
     tags: list[str] = field(default_factory=list)
     """Run tags."""
     notes: str = ""
@@ -136,6 +144,8 @@ class WandbConfig:
     """Optimizer steps between train metrics streamed to W&B (0 = train.log_every; a multiple of it)."""
     init_timeout_s: int = 20
     """Give up on W&B after this many seconds at start-up and fall back to offline."""
+    system_metrics: bool = True
+    """Let W&B sample CPU/GPU utilisation and memory (every 15 s, in its own process; online and offline)."""
 
 
 @dataclass
@@ -218,6 +228,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.compile_mode in COMPILE_MODES, "train.compile_mode",
            f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
+    _check(
+        t.profile_steps == [] or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+        "train.profile_steps",
+        f"must be [] or [START, END] with 1 <= START <= END, got {list(t.profile_steps)}",
+    )
+    _check(t.debug_delay_ms >= 0, "train.debug_delay_ms", f"must be >= 0, got {t.debug_delay_ms}")
+    _check(
+        0 <= t.debug_delay_rank < world_size,
+        "train.debug_delay_rank",
+        f"{t.debug_delay_rank} is not a rank of world size {world_size}",
+    )
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
