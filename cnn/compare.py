@@ -24,13 +24,14 @@ from cnn.progress import TARGET_ACCURACY
 from cnn.rundir import RunDir
 
 IGNORED_KEYS = ("run.dir",)  # differs between any two runs: the runs' labels say it
+JOB_SKIPPED = ("event", "step", "epoch")  # the start record's bookkeeping, not facts about the job
 
 
 @dataclass
 class Run:
     label: str
     path: Path
-    config: dict[str, Any]  # flattened: "optim.lr" -> 0.004
+    config: dict[str, Any]  # flattened: "optim.lr" -> 0.004, and the start record's facts: "job.world_size" -> 2
     summary: dict[str, Any]  # {} for an unfinished run
     facts: dict[str, Any]  # the latest start record
     train: list[dict[str, Any]] = field(default_factory=list)  # one per step, step order
@@ -82,6 +83,8 @@ def load(path: Path, label: str) -> Run:
     facts = {**(starts[-1] if starts else {}), **summary}
     config = flatten(run.read_config())
     batch = int(facts.get("global_batch_size") or config.get("train.batch_size", 0))
+    # what the job was (world size, launcher, threads, device, commit...) differs as much as its config
+    config.update({f"job.{k}": v for k, v in (starts[-1] if starts else {}).items() if k not in JOB_SKIPPED})
     train = with_seconds(one_per_step(r for r in records if r["event"] == "train"), batch)
     evals = one_per_step(r for r in records if r["event"] in ("eval", "epoch") and "test_accuracy" in r)
     for r in evals:  # eval records of older runs carry no train_seconds: the train window at or before them
@@ -139,16 +142,21 @@ def _fmt(key: str, v: Any) -> str:
     return str(v)
 
 
+def _cell(v: Any, width: int = 40) -> str:
+    text = (f"{v:.6g}" if isinstance(v, float) else str(v)).replace("|", "/")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def tables(runs: list[Run], keys: list[str]) -> str:
-    """Markdown: the differing config keys (a row per key), then the results (a row per run)."""
+    """Markdown: the differing config keys and job facts (a row per key), then the results (a row per run)."""
     head = "| key | " + " | ".join(r.label for r in runs) + " |\n|---|" + "---|" * len(runs) + "\n"
-    diff = "".join(f"| `{k}` | " + " | ".join(str(r.config.get(k, "(absent)")) for r in runs) + " |\n"
+    diff = "".join(f"| `{k}` | " + " | ".join(_cell(r.config.get(k, "(absent)")) for r in runs) + " |\n"
                    for k in keys) or "| (none) |" + " |" * len(runs) + "\n"
     res = [results(r) for r in runs]
     cols = [c for c in res[0] if c != "peak GPU MiB" or any(x[c] is not None for x in res)]
     table = "| run | " + " | ".join(cols) + " |\n|---|" + "---:|" * len(cols) + "\n"
     table += "".join(f"| {r.label} | " + " | ".join(_fmt(c, x[c]) for c in cols) + " |\n" for r, x in zip(runs, res))
-    return f"### Config keys that differ\n\n{head}{diff}\n### Results\n\n{table}"
+    return f"### Config keys and job facts that differ\n\n{head}{diff}\n### Results\n\n{table}"
 
 
 def plots(runs: list[Run], out: Path, plt) -> list[Path]:

@@ -132,7 +132,7 @@ class Window:
 
 # ---------------------------------------------------------------- per-rank figures and stragglers
 
-STRAGGLER_RATIO = 1.2  # a rank whose compute time per step exceeds the median's by 20% ...
+STRAGGLER_RATIO = 1.2  # a rank whose compute time per step exceeds the other ranks' median by 20% ...
 STRAGGLER_WINDOWS = 3  # ... for this many consecutive log windows gets a warning
 
 
@@ -148,21 +148,28 @@ def memory_mb(device: torch.device) -> dict[str, float]:
 
 
 class Stragglers:
-    """Which rank, if any, has been slower than the median by `ratio` for `windows` windows in a row.
+    """Which rank, if any, has been slower than the others' median by `ratio` for `windows` log
+    windows in a row.  The others' median, not everyone's: with two ranks it is the other rank.
 
-    A pure function of the windows fed to it: `update` returns the rank to warn about once,
-    when its streak reaches `windows` (a new streak, or another rank, warns again)."""
+    Pure: `update` returns the rank to warn about once, when its streak reaches `windows`
+    (a new streak, or another rank, warns again)."""
 
     def __init__(self, ratio: float = STRAGGLER_RATIO, windows: int = STRAGGLER_WINDOWS) -> None:
         self.ratio, self.windows = ratio, windows
         self.rank, self.streak = -1, 0
 
+    @staticmethod
+    def slowest(compute_ms: list[float]) -> tuple[int, float]:
+        """(the slowest rank, the median of the other ranks' times; its own time if alone)."""
+        rank = max(range(len(compute_ms)), key=compute_ms.__getitem__)
+        others = compute_ms[:rank] + compute_ms[rank + 1:]
+        return rank, statistics.median(others) if others else compute_ms[rank]
+
     def update(self, compute_ms: list[float]) -> int | None:
-        median = statistics.median(compute_ms)
-        slowest = max(range(len(compute_ms)), key=compute_ms.__getitem__)
-        if median > 0 and compute_ms[slowest] > self.ratio * median:
-            self.streak = self.streak + 1 if slowest == self.rank else 1
-            self.rank = slowest
+        rank, median = self.slowest(compute_ms)
+        if median > 0 and compute_ms[rank] > self.ratio * median:
+            self.streak = self.streak + 1 if rank == self.rank else 1
+            self.rank = rank
         else:
             self.rank, self.streak = -1, 0
         return self.rank if self.streak == self.windows else None
@@ -192,8 +199,9 @@ class RankStats(NullRankStats):
                 (data slicing, forward, backward, optimizer, logging).
     The slowest rank is the one with the largest compute; it waits least.  Waiting in the
     few other collectives (the stop check every 10 steps, DDP's one-time bucket rebuild in an
-    early forward, a checkpoint's) counts as compute.  `close` returns min/median/max over ranks, the slowest rank and its host, and the
-    largest rank's memory (see memory_mb), and warns (rank 0's console) about stragglers.
+    early forward, a checkpoint's) counts as compute.  `close` returns min/median/max over
+    ranks, the slowest rank and its host and the largest rank's memory (memory_mb), and warns
+    on rank 0's console about a straggler (Stragglers).
     """
 
     def __init__(self, model: torch.nn.Module, device: torch.device, world_size: int, warn: Callable[[str], None],
@@ -265,10 +273,10 @@ class RankStats(NullRankStats):
         figures.update(slowest_rank=slowest, slowest_host=self.hosts[slowest])
         figures.update({key: max(r[2 + i] for r in table) for i, key in enumerate(mem)})
         if self.stragglers.update(compute) is not None:
-            median = figures["rank_compute_ms_median"]
+            _, others = Stragglers.slowest(compute)
             self.warn(f"straggler: rank {slowest} on {self.hosts[slowest]} computes {compute[slowest]:.1f} ms/step, "
-                      f"{compute[slowest] / median - 1:.0%} above the median {median:.1f} ms, for "
-                      f"{self.stragglers.windows} log windows (to step {step}); the other ranks wait for it")
+                      f"{compute[slowest] / others - 1:.0%} above the other ranks' median {others:.1f} ms, for "
+                      f"{self.stragglers.windows} log windows (to step {step}); they wait for it")
         return figures
 
 
