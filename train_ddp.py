@@ -12,9 +12,9 @@ One script for every launcher:
 The global batch (train.batch_size) is split evenly over the ranks, so results
 do not depend on how many processes share the work.  Outputs go to run.dir (see
 cnn/rundir.py): config.yaml, metrics.jsonl, summary.json, predictions.pt,
-checkpoints/, profile/ (train.profile_steps), and W&B's wandb_run_id.txt and wandb/.  Exit codes: 0 done,
-1 error, 2 bad configuration, 143 stopped by SIGTERM after a checkpoint
-(re-run with the same run.dir to resume).
+checkpoints/, profile/ (train.profile_steps), and W&B's wandb_run_id.txt and
+wandb/.  Exit codes: 0 done, 1 error, 2 bad configuration, 143 stopped by
+SIGTERM after a checkpoint (re-run with the same run.dir to resume).
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cnn import checkpoint, config, console, distributed, fault, perf, precision, rundir
-from cnn.profile import make_profiler
 from cnn.config import Config, ConfigError
 from cnn.evaluate import evaluate
 from cnn.model import CNN
 from cnn.optim import build_optimizer, lr_at
+from cnn.profile import make_profiler
 from cnn.progress import Progress
 from cnn.rundir import RunDir, record
 from cnn.tracking import job_facts, make_tracker
