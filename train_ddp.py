@@ -12,9 +12,10 @@ One script for every launcher:
 The global batch (train.batch_size) is split evenly over the ranks, so results
 do not depend on how many processes share the work.  Outputs go to run.dir (see
 cnn/rundir.py): config.yaml, metrics.jsonl, summary.json, predictions.pt,
-checkpoints/, and W&B's wandb_run_id.txt and wandb/.  Exit codes: 0 done,
-1 error, 2 bad configuration, 130 stopped by Ctrl-C / 143 by SIGTERM after a
-checkpoint (re-run with the same run.dir to resume); a second Ctrl-C exits 130 at once.
+checkpoints/, profile/ (train.profile_steps), and W&B's wandb_run_id.txt and
+wandb/.  Exit codes: 0 done, 1 error, 2 bad configuration, 130 stopped by Ctrl-C /
+143 by SIGTERM after a checkpoint (re-run with the same run.dir to resume); a second
+Ctrl-C exits 130 at once.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from cnn.config import Config, ConfigError
 from cnn.evaluate import evaluate
 from cnn.model import CNN
 from cnn.optim import build_optimizer, lr_at
+from cnn.profile import make_profiler
 from cnn.progress import Progress
 from cnn.rundir import RunDir, record
 from cnn.tracking import job_facts, make_tracker
@@ -98,7 +100,9 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     facts = job_facts(d, prec, global_batch, peak, spe, total_steps)
     replays = perf.graph_replays(cfg.train.compile, cfg.train.compile_mode, d.device)
     out.info(f"run dir {run}\n--- resolved config ---\n{config.to_yaml(cfg)}---\nprecision {prec.name}: {prec.reason}")
-    tracker = make_tracker(d.is_main, run, config.to_yaml(cfg), cfg.wandb, {**config_dict, **facts}, rundir.job_id())
+    tracker = make_tracker(d.is_main, run, config.to_yaml(cfg), cfg.wandb, {**config_dict, **facts})
+    ranks = perf.make_rank_stats(cfg.train.rank_stats, raw, d.device, d.world_size, out.warn,
+                                 cfg.train.debug_delay_ms if d.rank == cfg.train.debug_delay_rank else 0.0)
     saver = checkpoint.make_saver(d.is_main, run.path, cfg.checkpoint.keep, raw, opt, prec.scaler, config_dict,
                                   d.world_size, spe)
     exit_code = 1
@@ -108,6 +112,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
 
         # ---- the loop
         out.start(total_steps, start_step)
+        profiler = make_profiler(cfg.train.profile_steps, total_steps, start_step, run, d.rank, d.device, out, tracker)
         window, share, last_eval, step = perf.Window(d.device), None, None, start_step
         syncs = perf.SyncCheck(cfg.train.sync_debug, d.device)
         while step < total_steps:
@@ -125,6 +130,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
             prec.scaler.scale(loss).backward()
+            ranks.after_backward()
             prec.scaler.step(opt)
             prec.scaler.update()
             opt.zero_grad(set_to_none=True)
@@ -133,6 +139,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             out.advance()
             if step == start_step + 1:  # compiled and warm: from here a silent rank is a dead one
                 distributed.end_warmup(cfg.dist.timeout_s, d.device, d.cpu_group)
+            profiler.step(step)
 
             # what this step boundary does
             epoch_end = step % spe == 0 or step == total_steps
@@ -149,7 +156,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                 train_loss, train_acc, images, seconds = window.close(d.world_size, global_batch)
                 progress.add(images, seconds)
                 lr, tp = opt.param_groups[0]["lr"], perf.throughput(images, seconds, peak)
-                tracker.log(record("train", step, epoch, train_loss=train_loss, train_accuracy=train_acc, lr=lr, **tp))
+                tracker.log(record("train", step, epoch, train_loss=train_loss, train_accuracy=train_acc, lr=lr, **tp,
+                                   train_seconds=progress.train_seconds, **ranks.close(seconds, step)))
                 if not epoch_end:
                     out.status(f"step {step}/{total_steps} epoch {epoch} loss {train_loss:.4f} acc {train_acc:.4f} "
                                f"lr {lr:.2e} {tp['images_per_sec']:.0f} img/s", loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}")
@@ -197,7 +205,8 @@ def log_eval(tracker, out: console.NullConsole, progress: Progress, peak: perf.R
              epoch_end: bool, ev, train_loss: float, train_acc: float) -> None:
     """Record an evaluation: an "eval" record mid-epoch; at an epoch's end an "epoch" record with
     the epoch's throughput, and its line on the console."""
-    test = {"test_loss": ev.loss, "test_accuracy": ev.accuracy, "eval_count": ev.count}
+    test = {"test_loss": ev.loss, "test_accuracy": ev.accuracy, "eval_count": ev.count,
+            "train_seconds": progress.train_seconds}
     if not epoch_end:
         tracker.log(record("eval", step, epoch, **test))
         return

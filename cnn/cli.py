@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("cnn.export:main", "weights as safetensors, TorchScript and ONNX, checked against PyTorch"),
     "prepare": ("data.prepare:main", "fetch and verify MNIST ahead of time (offline clusters)"),
     "plot": ("cnn.plot:main", "training curves and a prediction grid of a run folder, as PNGs"),
+    "compare": ("cnn.compare:main", "runs side by side without W&B: differing config keys, results, overlay plots"),
 }
 
 

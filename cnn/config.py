@@ -95,6 +95,14 @@ class TrainConfig:
     """Log a hash of every step's global batch to metrics.jsonl (one all-gather per step)."""
     sync_debug: bool = False
     """CUDA check: raise on any host-device sync between log points (after the first; see cnn/perf.SyncCheck)."""
+    rank_stats: bool = True
+    """Per log window, gather each rank's compute time, all-reduce wait (ms/step) and memory: spread, slowest rank, straggler warning."""
+    profile_steps: list[int] = field(default_factory=list)
+    """[START, END]: a torch.profiler trace of global steps START..END (from 1, inclusive) per rank in run.dir/profile/; [] = off."""
+    debug_delay_ms: float = 0.0
+    """For tests: rank debug_delay_rank sleeps this many milliseconds in every backward (a rehearsed straggler; 0 = off)."""
+    debug_delay_rank: int = 0
+    """For tests: the global rank that debug_delay_ms slows down."""
 
 
 @dataclass
@@ -160,9 +168,9 @@ class WandbConfig:
     entity: str = ""
     """W&B entity (user or team); '' = your default."""
     group: str = ""
-    """Run group; '' = the SLURM job id or torchrun run id, so restarts group together."""
+    """Run group, to compare runs side by side (a sweep or a SLURM array may set it); '' = no group."""
     name: str = ""
-    """Run name; '' = W&B's choice."""
+    """Run name; '' = what sets the run apart: world size, precision, global batch, peak lr, seed (ws2-fp32-b128-lr4e-3-s0)."""
     tags: list[str] = field(default_factory=list)
     """Run tags."""
     notes: str = ""
@@ -173,6 +181,8 @@ class WandbConfig:
     """Give up on W&B after this many seconds at start-up and fall back to offline."""
     log_model: bool = False
     """At the end of the run, log the final weights (safetensors) as a W&B model artifact, aliases latest and best."""
+    system_metrics: bool = True
+    """Let W&B sample CPU/GPU utilisation and memory (every 15 s, in its own process; online and offline)."""
 
 
 @dataclass
@@ -472,6 +482,17 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(t.compile_mode in COMPILE_MODES, "train.compile_mode",
            f"'{t.compile_mode}' is not one of {', '.join(COMPILE_MODES)}")
     _check(t.threads >= 0, "train.threads", f"must be >= 0, got {t.threads}")
+    _check(
+        t.profile_steps == [] or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+        "train.profile_steps",
+        f"must be [] or [START, END] with 1 <= START <= END, got {list(t.profile_steps)}",
+    )
+    _check(t.debug_delay_ms >= 0, "train.debug_delay_ms", f"must be >= 0, got {t.debug_delay_ms}")
+    _check(
+        0 <= t.debug_delay_rank < world_size,
+        "train.debug_delay_rank",
+        f"{t.debug_delay_rank} is not a rank of world size {world_size}",
+    )
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")

@@ -9,11 +9,19 @@
     <run.dir>/checkpoints/       step-XXXXXXXX.pt, written and read by cnn.checkpoint
     <run.dir>/eval.json          `mnist-ddp evaluate`'s report on the test split (eval-train.json: --split train)
     <run.dir>/model.safetensors  the final weights logged as a W&B model artifact (wandb.log_model=true)
+    <run.dir>/profile/           rank<R>.pt.trace.json, torch.profiler traces (train.profile_steps)
 
 Every metrics record names its ``event``: ``start`` (the run's facts), ``train``
 (a log window), ``eval`` (a mid-epoch evaluation), ``epoch`` (end of an epoch,
 with its evaluation), ``samples`` (a hash of the step's global batch).  The
-trainer, the plots, the benchmark and the tests read them through here.
+trainer, the plots, the comparison, the benchmark and the tests read them through here.
+
+A ``train`` record holds the window's ``train_loss``, ``train_accuracy``, ``lr``,
+``images_per_sec``, ``gflops``, ``mfu``, ``train_seconds`` (training time so far) and,
+with train.rank_stats, the spread over ranks (cnn.perf.RankStats): ``rank_compute_ms_*``
+and ``rank_wait_ms_*`` (``min``/``median``/``max``, ms per step), ``slowest_rank``,
+``slowest_host``, ``rss_peak_mb`` and on CUDA ``gpu_mem_peak_mb``/``gpu_mem_mb`` (the
+largest rank's).  W&B gets the same fields under namespaced keys (cnn.tracking.wandb_key).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ WANDB_ID = "wandb_run_id.txt"
 WANDB_DIR = "wandb"
 CHECKPOINTS = "checkpoints"
 MODEL = "model.safetensors"
+PROFILE = "profile"
 EVENTS = ("start", "train", "eval", "epoch", "samples")
 
 
@@ -82,6 +91,25 @@ class RunDir:
     @property
     def wandb_dir(self) -> Path:
         return self.path / WANDB_DIR
+
+    @property
+    def profile_dir(self) -> Path:
+        return self.path / PROFILE
+
+    def profile_trace(self, rank: int) -> Path:
+        """Rank `rank`'s profiler trace; W&B's trace viewer recognises the .pt.trace.json suffix."""
+        return self.profile_dir / f"rank{rank}.pt.trace.json"
+
+    def profile_traces(self) -> list[Path]:
+        return sorted(self.profile_dir.glob("rank*.pt.trace.json"))
+
+    def is_run(self) -> bool:
+        """A folder the trainer wrote: it has config.yaml and metrics.jsonl."""
+        return self.file(CONFIG).is_file() and self.file(METRICS).is_file()
+
+    def has_summary(self) -> bool:
+        """The run finished (an interrupted run has none yet)."""
+        return self.file(SUMMARY).is_file()
 
     def create(self) -> "RunDir":
         """Make the folder; RunDirError (one line naming run.dir) if it is a file or cannot be made."""
@@ -200,7 +228,14 @@ def read_metrics(path: str | os.PathLike, *events: str) -> list[dict[str, Any]]:
     path = Path(path)
     if path.is_dir():
         path = path / METRICS
-    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    recs = []
+    for i, line in enumerate(lines):
+        try:
+            recs.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1:  # only the last line can be torn (a kill mid-write; line-buffered)
+                raise
     return [r for r in recs if r.get("event") in events] if events else recs
 
 

@@ -10,6 +10,15 @@ summary say about the job (world size, hosts, device, commit...).  With
 ``wandb.log_model=true`` the final checkpoint's weights go to W&B as a ``model``
 artifact (safetensors, the same file ``mnist-ddp export`` writes), and the summary
 names it.
+
+Built for comparing runs in W&B: a run is named after what sets it apart
+(``run_name``: ws2-fp32-b128-lr4e-3-s0) unless wandb.name is set, grouped only by
+wandb.group, typed by ``job_type``; metrics.jsonl's flat fields stream under
+namespaced keys (``wandb_key``: train/…, test/…, perf/…, sys/…) against a
+``global_step`` axis, with min/max summaries for losses/accuracies; W&B's own
+system metrics (system/…) are on unless wandb.system_metrics=false.  The run
+summary keeps summary.json's flat names (test_accuracy is the final one: the
+sweep's metric).
 """
 
 from __future__ import annotations
@@ -32,6 +41,35 @@ from cnn.perf import Roofline
 from cnn.rundir import MODEL, RunDir
 
 GRID_IMAGES = 32  # test images shown with their predicted and true labels
+STEP_KEY = "global_step"  # the x-axis of every namespaced metric: optimizer steps over the whole job
+SUMMARIES = {"train/loss": "min", "test/loss": "min", "train/accuracy": "max", "test/accuracy": "max"}
+_RENAMED = {"lr": "train/lr", "epoch": "train/epoch", "eval_count": "test/count"}
+
+
+def wandb_key(field: str) -> str:
+    """The W&B name of a metrics.jsonl field: train_* -> train/*, test_* -> test/*, memory (*_mb)
+    -> sys/*, throughput and rank timing (everything else) -> perf/*; lr and epoch are train/."""
+    if field in _RENAMED:
+        return _RENAMED[field]
+    for prefix in ("train", "test"):
+        if field.startswith(prefix + "_"):
+            return f"{prefix}/{field[len(prefix) + 1:]}"
+    return f"sys/{field}" if field.endswith("_mb") else f"perf/{field}"
+
+
+def _short(x: float) -> str:
+    mantissa, exponent = f"{x:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+
+
+def run_name(config: dict[str, Any]) -> str:
+    """What sets a run apart, as a W&B run name: world size, precision, global batch, peak lr,
+    seed (ws2-fp32-b128-lr4e-3-s0).  `config` is the resolved config plus job_facts; '' if it lacks them."""
+    try:
+        return (f"ws{config['world_size']}-{config['precision']}-b{config['global_batch_size']}"
+                f"-lr{_short(config['optim']['lr'])}-s{config['seed']}")
+    except (KeyError, TypeError):
+        return ""
 
 
 def _api_key_configured() -> bool:
@@ -54,11 +92,13 @@ class NullTracker:
     def summary(self, values: dict[str, Any]) -> None: ...
     def truncate_after(self, step: int) -> None: ...
     def predictions(self, images: torch.Tensor, labels: torch.Tensor, preds: torch.Tensor) -> None: ...
+    def attach_profile(self, paths: list[Path]) -> None: ...
     def finish(self, exit_code: int = 0) -> None: ...
 
 
 class Tracker(NullTracker):
-    def __init__(self, run: RunDir, config_yaml: str, cfg: WandbConfig, config: dict[str, Any], group: str) -> None:
+    def __init__(self, run: RunDir, config_yaml: str, cfg: WandbConfig, config: dict[str, Any],
+                 job_type: str = "train") -> None:
         self.run = run.create()
         self.run.write_config(config_yaml)
         self.metrics = run.metrics_log()
@@ -66,12 +106,12 @@ class Tracker(NullTracker):
         self.wandb_every = cfg.log_every
         self.log_model = cfg.log_model
         self.resumed_step = -1  # W&B already holds the steps up to this one: never log them again
-        self._init_wandb(cfg, config, group)
+        self._init_wandb(cfg, config, job_type)
         if self.log_model and self._wandb is None:
             console.warn("wandb.log_model=true but W&B is off: no model artifact (`mnist-ddp export` writes the files)")
 
     # ---------------------------------------------------------------- W&B
-    def _init_wandb(self, cfg: WandbConfig, config: dict[str, Any], group: str) -> None:
+    def _init_wandb(self, cfg: WandbConfig, config: dict[str, Any], job_type: str) -> None:
         mode = os.environ.get("WANDB_MODE", cfg.mode)
         if mode in ("disabled", "dryrun") or mode not in ("online", "offline"):
             return
@@ -86,8 +126,9 @@ class Tracker(NullTracker):
         kwargs = dict(
             project=cfg.project,
             entity=cfg.entity or None,
-            group=cfg.group or group or None,  # wandb.group, else the job id
-            name=cfg.name or None,
+            group=cfg.group or None,
+            job_type=job_type,
+            name=cfg.name or run_name(config) or None,
             tags=list(cfg.tags) or None,
             notes=cfg.notes or None,
             config=config,
@@ -97,7 +138,8 @@ class Tracker(NullTracker):
         )
         for attempt in ([mode, "offline"] if mode == "online" else [mode]):
             try:
-                settings = wandb.Settings(init_timeout=cfg.init_timeout_s, silent=True, x_disable_stats=True)
+                settings = wandb.Settings(init_timeout=cfg.init_timeout_s, silent=True,
+                                          x_disable_stats=not cfg.system_metrics)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     self._wandb = wandb.init(mode=attempt, settings=settings, **kwargs)
@@ -115,6 +157,15 @@ class Tracker(NullTracker):
             self.run.write_wandb_id(self.run_id)
             # after a resume W&B knows the last step logged; never log at or below it again
             self.resumed_step = int(getattr(self._wandb, "step", 0) or 0) - 1
+            self._wandb_call(self._define_metrics)
+
+    def _define_metrics(self) -> None:
+        run = self._wandb
+        run.define_metric(STEP_KEY, hidden=True)
+        for namespace in ("train", "test", "perf", "sys"):
+            run.define_metric(f"{namespace}/*", step_metric=STEP_KEY)
+        for name, summary in SUMMARIES.items():  # an exact name replaces the glob's definition: repeat the axis
+            run.define_metric(name, step_metric=STEP_KEY, summary=summary)
 
     def _wandb_call(self, fn, *args, **kwargs) -> None:
         if self._wandb is None:
@@ -132,8 +183,9 @@ class Tracker(NullTracker):
         step = record["step"]
         thinned = record["event"] == "train" and self.wandb_every and step % self.wandb_every
         if self._wandb is not None and stream and step > self.resumed_step and not thinned:
-            payload = {k: v for k, v in record.items() if k not in ("step", "event") and isinstance(v, (int, float))}
-            self._wandb_call(self._wandb.log, payload, step=step)
+            payload = {wandb_key(k): v for k, v in record.items()
+                       if k not in ("step", "event") and isinstance(v, (int, float))}  # slowest_host: metrics.jsonl only
+            self._wandb_call(self._wandb.log, {STEP_KEY: step, **payload}, step=step)
 
     def truncate_after(self, step: int) -> None:
         """Drop records past `step`; W&B already holds them (offline it cannot tell us): never log them twice."""
@@ -182,6 +234,21 @@ class Tracker(NullTracker):
 
         self._wandb_call(build)
 
+    def attach_profile(self, paths: list[Path]) -> None:
+        """Profiler traces (cnn.profile) as a "profile" artifact of the run: W&B shows *.pt.trace.json in its trace viewer."""
+        if self._wandb is None or not paths:
+            return
+
+        def build():
+            import wandb
+
+            artifact = wandb.Artifact(f"profile-{self._wandb.id}", type="profile")
+            for path in paths:
+                artifact.add_file(str(path), name=path.name)
+            self._wandb.log_artifact(artifact)
+
+        self._wandb_call(build)
+
     def finish(self, exit_code: int = 0) -> None:
         self.metrics.close()
         if self._wandb is not None:
@@ -198,9 +265,9 @@ def _new_run_id() -> str:
 
 
 def make_tracker(is_main: bool, run: RunDir, config_yaml: str, cfg: WandbConfig, config: dict[str, Any],
-                 group: str) -> NullTracker:
+                 job_type: str = "train") -> NullTracker:
     """The run's resolved config, metrics and W&B run on rank 0; a NullTracker elsewhere."""
-    return Tracker(run, config_yaml, cfg, config, group) if is_main else NullTracker()
+    return Tracker(run, config_yaml, cfg, config, job_type) if is_main else NullTracker()
 
 
 def git_commit() -> str:

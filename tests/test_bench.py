@@ -29,3 +29,9 @@ def test_wandb_overhead_script():
 def test_checkpoint_cost_script(tmp_path):
     proc = run([sys.executable, "bench/checkpoint_cost.py", "--dir", str(tmp_path), "--repeats", "2"], timeout=120)
     assert proc.returncode == 0 and "MiB" in proc.stdout and "save" in proc.stdout, proc.stderr
+
+
+def test_rank_stats_cost_script():
+    proc = run([sys.executable, "bench/rank_stats_cost.py", "--blocks", "1", "--block-steps", "2"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "instrumentation per step" in proc.stdout and "window close" in proc.stdout

@@ -57,7 +57,7 @@ def test_one_command_each_subcommand_has_help(capsys):
     assert 'mnist-ddp = "cnn.cli:main"' in (REPO / "pyproject.toml").read_text()  # the console script
     assert cli.main(["--help"]) == 0
     listing = capsys.readouterr().out
-    assert all(f"  {name}" in listing for name in ("train", "evaluate", "predict", "export", "prepare", "plot"))
+    assert all(f"  {name}" in listing for name in ("train", "evaluate", "predict", "export", "prepare", "plot", "compare"))
     for name in cli.COMMANDS:
         with pytest.raises(SystemExit) as info:
             cli.main([name, "--help"])

@@ -58,6 +58,12 @@ def test_wandb_agent_style_arguments():
         ("dist.timeout_s=0", "dist.timeout_s"),
         ("dist.init_timeout_s=30", "dist.init_timeout_s"),  # shorter than dist.timeout_s (60)
         ("data.train_subset=10", "data.train_subset"),
+        ("train.profile_steps=[5]", "train.profile_steps"),
+        ("train.profile_steps=[6,5]", "train.profile_steps"),
+        ("train.profile_steps=[0,2]", "train.profile_steps"),
+        ("train.debug_delay_ms=-1", "train.debug_delay_ms"),
+        ("train.debug_delay_rank=1", "train.debug_delay_rank"),
+        ("wandb.system_metrics=maybe", "wandb.system_metrics"),
     ],
 )
 def test_bad_values_name_the_key(override, key):

@@ -71,10 +71,12 @@ def test_offline_run_and_its_restart_are_one_run(mnist_root, tmp_path):
     steps = [h["_step"] for f in files for h in wr.history(wr.records(f))]
     assert steps == sorted(set(steps)), f"steps repeated or going backwards: {steps}"
     recs = wr.records(files[-1])
+    # named after what sets it apart; no group although torchrun gave the job a run id (wandb.group is unset)
+    assert wr.run_info(recs) == {"name": "ws2-fp32-b64-lr4e-3-s0", "group": "", "job_type": "train"}
     cfg = wr.config(recs)
     assert cfg["world_size"] == 2 and cfg["train"]["batch_size"] == 64 and cfg["precision"] == "fp32"
     hist = [h for f in files for h in wr.history(wr.records(f))]
-    assert any("train_loss" in h for h in hist) and any("test_accuracy" in h for h in hist)
+    assert any("train/loss" in h for h in hist) and any("test/accuracy" in h for h in hist)
     keys = {k.split(".")[0] for h in hist for k in h}
     assert {"confusion_matrix_table", "test_predictions"} <= keys  # the seed's figures, as media
     summ = wr.summary(recs)
@@ -99,7 +101,7 @@ def test_online_without_key_or_server_falls_back_with_one_warning(tmp_path, monk
                 m.setenv(k, v)
             rd = RunDir(tmp_path / case)
             t0 = time.monotonic()
-            tracker = Tracker(rd, "seed: 0\n", WandbConfig(mode="online", init_timeout_s=5), {"seed": 0}, group="")
+            tracker = Tracker(rd, "seed: 0\n", WandbConfig(mode="online", init_timeout_s=5), {"seed": 0})
             for step in (10, 20):
                 tracker.log(record("train", step, 0, train_loss=1.0 / step))
             tracker.summary({"steps": 20})
@@ -113,12 +115,12 @@ def test_online_without_key_or_server_falls_back_with_one_warning(tmp_path, monk
         assert took < 60, f"{case}: {took:.0f} s"
 
 
-def test_wandb_group_overrides_the_job_id(tmp_path, monkeypatch):
-    """wandb.group wins over the job id (slurm/array_seeds.sbatch groups its tasks by the array id)."""
+def test_wandb_group_is_the_configured_one(tmp_path, monkeypatch):
+    """wandb.group is the run's group (slurm/array_seeds.sbatch groups its tasks by the array id)."""
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_MODE", raising=False)
     rd = RunDir(tmp_path)
-    tracker = Tracker(rd, "seed: 0\n", WandbConfig(mode="offline", group="4242"), {"seed": 0}, group="4242_1")
+    tracker = Tracker(rd, "seed: 0\n", WandbConfig(mode="offline", group="4242"), {"seed": 0})
     tracker.finish()
     runs = [r.run for r in wr.records(_run_files(tmp_path)[0]) if r.WhichOneof("record_type") == "run"]
     assert runs and runs[0].run_group == "4242"

@@ -68,3 +68,31 @@ def summary(recs) -> dict:
             for i in r.summary.update:
                 out[i.key or ".".join(i.nested_key)] = json.loads(i.value_json)
     return out
+
+
+def run_info(recs) -> dict:
+    """The run record's name, group and job type ('' where unset)."""
+    run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+    return {"name": run.display_name, "group": run.run_group, "job_type": run.job_type}
+
+
+def metric_definitions(recs) -> dict:
+    """define_metric calls: name (or glob) -> (step metric, summary ops)."""
+    out = {}
+    for r in recs:
+        if r.WhichOneof("record_type") == "metric":
+            m = r.metric
+            ops = {op for op in ("min", "max", "mean", "last", "first") if getattr(m.summary, op)}
+            out[m.name or m.glob_name] = (m.step_metric, ops)
+    return out
+
+
+def stats(recs) -> list[dict]:
+    """W&B's system-metrics samples (proc.memory.rssMB, cpu, ...), one dict per sample."""
+    return [{i.key: json.loads(i.value_json) for i in r.stats.item}
+            for r in recs if r.WhichOneof("record_type") == "stats"]
+
+
+def artifacts(recs) -> list[dict]:
+    return [{"name": r.artifact.name, "type": r.artifact.type, "files": [c.path for c in r.artifact.manifest.contents]}
+            for r in recs if r.WhichOneof("record_type") == "artifact"]
