@@ -183,15 +183,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         shards: list = [None] * d.world_size
         dist.all_gather_object(shards, final.predictions.cpu())  # rank order = test-set order
         tracker.predictions(test_x, test_y, torch.cat(shards))
-        summary = {
-            "test_accuracy": final.accuracy, "test_loss": final.loss, "eval_count": final.count,
-            "best_test_accuracy": max(progress.best_accuracy, final.accuracy),
-            "seconds_to_99": progress.seconds_to_99, "epochs": total_steps / spe, "steps": total_steps,
-            "train_seconds": progress.train_seconds, "images": progress.images,
-            "peak_rss_mb": perf.peak_rss_mb(d.device), "peak_gpu_mb": perf.peak_gpu_mb(d.device), **replays.facts(),
-            **perf.throughput(progress.images, progress.train_seconds, peak),
-            **facts, "run_dir": str(run),
-        }
+        summary = {**summarize(final, progress, total_steps, spe, peak, d.device), **replays.facts(), **facts,
+                   "run_dir": str(run)}
         tracker.summary(summary)
         out.info(f"done: test accuracy {final.accuracy:.4f} ({final.count} images), {summary['images_per_sec']:.0f} "
                  f"img/s, {progress.train_seconds:.1f} s training; {run.file(rundir.SUMMARY)}")
@@ -199,6 +192,19 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         return exit_code
     finally:
         tracker.finish(exit_code)
+
+
+def summarize(final, progress: Progress, total_steps: int, spe: int, peak: perf.Roofline,
+              device: torch.device) -> dict:
+    """The run's figures for summary.json and W&B (collective: peak memory is the largest rank's)."""
+    return {
+        "test_accuracy": final.accuracy, "test_loss": final.loss, "eval_count": final.count,
+        "best_test_accuracy": max(progress.best_accuracy, final.accuracy),
+        "seconds_to_99": progress.seconds_to_99, "epochs": total_steps / spe, "steps": total_steps,
+        "train_seconds": progress.train_seconds, "images": progress.images,
+        "peak_rss_mb": perf.peak_rss_mb(device), "peak_gpu_mb": perf.peak_gpu_mb(device),
+        **perf.throughput(progress.images, progress.train_seconds, peak),
+    }
 
 
 def log_eval(tracker, out: console.NullConsole, progress: Progress, peak: perf.Roofline, step: int, epoch: int,
