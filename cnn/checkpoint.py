@@ -90,8 +90,11 @@ def load(path: str | os.PathLike, check_model: Callable[[dict], None] | None = N
         try:
             check_model(state["model"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).splitlines()[0][:160]
-            raise CheckpointError(f"{path}: weights do not fit this model ({first})") from None
+            # load_state_dict's first line is a heading ("Error(s) in loading state_dict for CNN:"):
+            # the next one says what differs (missing/unexpected keys, a size mismatch)
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            detail = next((ln for ln in lines if not ln.startswith("Error(s) in loading")), lines[0] if lines else "")
+            raise CheckpointError(f"{path}: weights do not fit this model ({detail[:160]})") from None
     return state
 
 

