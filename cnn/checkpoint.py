@@ -42,7 +42,7 @@ class CheckpointError(RuntimeError):
 
 
 def folder(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return RunDir(run_dir).checkpoints  # cnn.rundir names the run folder's parts
 
 
 def path_for(run_dir: str | os.PathLike, step: int) -> Path:

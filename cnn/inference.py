@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import torch
 
-from cnn import checkpoint, config
+from cnn import checkpoint, config, rundir
 from cnn.checkpoint import CheckpointError
 from cnn.config import Config, ConfigError
 from cnn.model import CNN
@@ -40,7 +40,7 @@ def find_checkpoint(source: str | os.PathLike) -> Path:
     source = Path(source)
     if not source.is_dir():
         return source  # checkpoint.load names a missing file
-    run = source.parent if source.name == "checkpoints" and not checkpoint.folder(source).is_dir() else source
+    run = source.parent if source.name == rundir.CHECKPOINTS and not checkpoint.folder(source).is_dir() else source
     found = checkpoint.list_checkpoints(run)
     if not found:
         raise CheckpointError(f"{source}: no checkpoint in {checkpoint.folder(run)} (not a run folder, "

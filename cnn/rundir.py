@@ -31,7 +31,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -87,10 +87,6 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.path / CHECKPOINTS
-
-    @property
-    def wandb_dir(self) -> Path:
-        return self.path / WANDB_DIR
 
     @property
     def profile_dir(self) -> Path:
@@ -241,10 +237,6 @@ def read_metrics(path: str | os.PathLike, *events: str) -> list[dict[str, Any]]:
 
 def read_summary(run_dir: str | os.PathLike) -> dict[str, Any]:
     return RunDir(run_dir).read_summary()
-
-
-def steps_of(records: Iterable[Mapping[str, Any]]) -> list[int]:
-    return [int(r["step"]) for r in records]
 
 
 def _record_step(line: str) -> int | None:
