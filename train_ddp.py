@@ -202,7 +202,7 @@ def summarize(final, progress: Progress, total_steps: int, spe: int, peak: perf.
         "best_test_accuracy": max(progress.best_accuracy, final.accuracy),
         "seconds_to_99": progress.seconds_to_99, "epochs": total_steps / spe, "steps": total_steps,
         "train_seconds": progress.train_seconds, "images": progress.images,
-        "peak_rss_mb": perf.peak_rss_mb(device), "peak_gpu_mb": perf.peak_gpu_mb(device),
+        **perf.peak_memory_mb(device),
         **perf.throughput(progress.images, progress.train_seconds, peak),
     }
 

@@ -198,20 +198,25 @@ def throughput(images: int, seconds: float, peak: Roofline) -> dict[str, float |
     }
 
 
-def peak_rss_mb(device: torch.device) -> float:
-    """The largest peak resident memory of any rank, in MiB (collective)."""
-    t = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+def memory_mb(device: torch.device) -> dict[str, float]:
+    """This process's memory so far, MiB: peak resident set (ru_maxrss, KiB on Linux) and, on
+    CUDA, torch's peak and current allocation.  Peaks are never reset here: other readers
+    (the summary) rely on the whole run's peak."""
+    mem = {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        mem["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        mem["gpu_mem_mb"] = torch.cuda.memory_allocated(device) / 2**20
+    return mem
 
 
-def peak_gpu_mb(device: torch.device) -> float | None:
-    """The largest torch.cuda.max_memory_allocated of any rank, in MiB (collective on CUDA); None on CPUs."""
-    if device.type != "cuda":
-        return None
-    t = torch.tensor([torch.cuda.max_memory_allocated(device) / 2**20], dtype=torch.float64, device=device)
+def peak_memory_mb(device: torch.device) -> dict[str, float | None]:
+    """The largest peak memory of any rank, MiB (collective): resident set, and torch's GPU
+    allocation on CUDA (None on CPUs)."""
+    mine = memory_mb(device)
+    t = torch.tensor([mine["rss_peak_mb"], mine.get("gpu_mem_peak_mb", 0.0)], dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
+    rss, gpu = t.tolist()
+    return {"peak_rss_mb": rss, "peak_gpu_mb": gpu if device.type == "cuda" else None}
 
 
 class GraphReplays:
@@ -317,17 +322,6 @@ class Window:
 
 STRAGGLER_RATIO = 1.2  # a rank whose compute time per step exceeds the other ranks' median by 20% ...
 STRAGGLER_WINDOWS = 3  # ... for this many consecutive log windows gets a warning
-
-
-def memory_mb(device: torch.device) -> dict[str, float]:
-    """This process's memory so far, MiB: peak resident set (ru_maxrss, KiB on Linux) and, on
-    CUDA, torch's peak and current allocation.  Peaks are never reset here: other readers
-    (the summary) rely on the whole run's peak."""
-    mem = {"rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if device.type == "cuda":
-        mem["gpu_mem_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-        mem["gpu_mem_mb"] = torch.cuda.memory_allocated(device) / 2**20
-    return mem
 
 
 class Stragglers:
