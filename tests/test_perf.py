@@ -86,3 +86,13 @@ def test_cuda_clock_times_queued_work():
     assert queued > 0.005
     clock.restart()
     assert clock.seconds() < queued
+
+
+def test_roofline_takes_its_budget_even_for_an_emulated_dtype():
+    """bf16 on a CPU without avx512_bf16/AMX multiplies at ~1 GFLOP/s (17 s for one 2048x2048
+    product, measured on an AVX2 EPYC): the measurement shrinks the matrix instead of stalling
+    start-up (train.roofline) or the benchmark for minutes."""
+    for dtype in (torch.float32, torch.bfloat16):
+        t0 = time.perf_counter()
+        assert perf.matmul_peak_gflops(torch.device("cpu"), dtype, seconds=0.3) > 0
+        assert time.perf_counter() - t0 < 3.0, dtype
