@@ -200,7 +200,7 @@ def summarize(final, progress: Progress, total_steps: int, spe: int, peak: perf.
     return {
         "test_accuracy": final.accuracy, "test_loss": final.loss, "eval_count": final.count,
         "best_test_accuracy": max(progress.best_accuracy, final.accuracy),
-        "seconds_to_99": progress.seconds_to_99, "epochs": total_steps / spe, "steps": total_steps,
+        "seconds_to_99": progress.seconds_to_99, "images_to_99": progress.images_to_99, "epochs": total_steps / spe, "steps": total_steps,
         "train_seconds": progress.train_seconds, "images": progress.images,
         **perf.peak_memory_mb(device),
         **perf.throughput(progress.images, progress.train_seconds, peak),

@@ -51,7 +51,7 @@ def main() -> None:
     total_batches = int(args.epochs * len(loader))
     step = images = 0
     train_s, steady_s, steady_images = 0.0, 0.0, 0
-    seconds_to_99, since_eval, acc = None, 0, None
+    seconds_to_99, images_to_99, since_eval, acc = None, None, 0, None
     t = time.perf_counter()
     while step < total_batches:
         for x, y in loader:
@@ -71,7 +71,7 @@ def main() -> None:
                 since_eval = 0
                 acc = evaluate(model, test)
                 if acc >= 0.99 and seconds_to_99 is None:
-                    seconds_to_99 = train_s
+                    seconds_to_99, images_to_99 = train_s, images
                     break
             t = time.perf_counter()
             if step == total_batches:
@@ -79,7 +79,8 @@ def main() -> None:
         if seconds_to_99 is not None:
             break
     print(json.dumps({
-        "images_per_sec": steady_images / steady_s, "seconds_to_99": seconds_to_99, "test_accuracy": acc,
+        "images_per_sec": steady_images / steady_s, "seconds_to_99": seconds_to_99, "images_to_99": images_to_99,
+        "test_accuracy": acc,
         "train_seconds": train_s, "images": images,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }))

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-TARGET_ACCURACY = 0.99  # seconds_to_99 is the training time until the first evaluation at or above this
+TARGET_ACCURACY = 0.99  # seconds_to_99 / images_to_99: training time / images until the first evaluation at or above this
 
 
 @dataclass
@@ -18,6 +18,8 @@ class Progress:
     """Best test accuracy of any evaluation so far."""
     seconds_to_99: float | None = None
     """train_seconds when an evaluation first reached TARGET_ACCURACY (None: not yet)."""
+    images_to_99: int | None = None
+    """images when an evaluation first reached TARGET_ACCURACY (None: not yet)."""
     epoch_start_seconds: float = 0.0
     """train_seconds when the current epoch began."""
     epoch_start_images: int = 0
@@ -31,7 +33,7 @@ class Progress:
     def record_eval(self, accuracy: float) -> None:
         self.best_accuracy = max(self.best_accuracy, accuracy)
         if accuracy >= TARGET_ACCURACY and self.seconds_to_99 is None:
-            self.seconds_to_99 = self.train_seconds
+            self.seconds_to_99, self.images_to_99 = self.train_seconds, self.images
 
     def close_epoch(self) -> tuple[int, float]:
         """(images, seconds) of the epoch that just ended; the next one starts now."""

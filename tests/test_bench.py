@@ -4,6 +4,7 @@ this machine is shared and noisy; ratios are read from its table)."""
 import json
 import sys
 
+from cnn.model import TRAIN_FLOPS_PER_IMAGE
 from conftest import run
 
 
@@ -12,12 +13,26 @@ def test_quick_benchmark_runs_and_reports(mnist_root, tmp_path):
     proc = run([sys.executable, "bench/benchmark.py", "--quick", "--root", str(mnist_root), "--json", str(out)],
                timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ours/tutorial images_per_sec" in proc.stdout and "2rank/1rank scaling efficiency" in proc.stdout
-    assert "2rank/1rank weak scaling efficiency" in proc.stdout and "DDP efficiency" in proc.stdout
     result = json.loads(out.read_text())
-    assert set(result["rows"]) == {"tutorial", "ours", "ours_1rank", "ours_2rank", "ours_2rank_weak", "2x1rank_nodist"}
-    for row in result["rows"].values():
-        assert row["images_per_sec"] > 0 and 0 < row["mfu"] < 1.5 and row["peak_rss_mb"] > 0
+    rows = result["rows"]
+    assert set(rows) == {"tutorial", "ours_fp32", "ours_bf16", "ours_1rank", "ours_2rank", "ours_2rank_weak",
+                         "2x1rank_nodist"}
+    # each row ran in the precision it names and its MFU is against that dtype's own roofline
+    assert rows["ours_fp32"]["precision"] == "fp32" and rows["ours_bf16"]["precision"] == "bf16"
+    roof = result["roofline_gflops"]
+    assert rows["ours_bf16"]["roofline_gflops"] == roof["bf16@all"] != roof["fp32@all"]
+    assert rows["ours_1rank"]["roofline_gflops"] == roof[f"{rows['ours_1rank']['precision']}@1"]
+    for name, row in rows.items():
+        assert row["images_per_sec"] > 0 and row["mfu"] > 0 and row["peak_rss_mb"] > 0, name
+        if row["precision"] == "fp32":
+            assert row["mfu"] < 1.5, name
+        assert abs(row["mfu"] - row["images_per_sec"] * TRAIN_FLOPS_PER_IMAGE / 1e9 / row["roofline_gflops"]) < 0.01 * row["mfu"] + 1e-3
+    for ratio in ("ours/tutorial images_per_sec (both fp32)", "bf16/fp32 images_per_sec",
+                  "2rank/1rank scaling efficiency", "2rank/1rank weak scaling efficiency",
+                  "DDP efficiency: 2rank_weak/2 independent jobs"):
+        assert f"{ratio}: {result['ratios'][ratio]:.2f}" in proc.stdout
+    header = next(line for line in proc.stdout.splitlines() if line.startswith("pipeline"))
+    assert header.split()[:2] == ["pipeline", "prec"] and "img to 99%" in header
 
 
 def test_wandb_overhead_script():
