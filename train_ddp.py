@@ -33,7 +33,7 @@ from cnn import checkpoint, config, console, distributed, fault, perf, precision
 from cnn.config import Config, ConfigError
 from cnn.evaluate import evaluate
 from cnn.model import CNN
-from cnn.optim import build_optimizer, lr_at
+from cnn.optim import build_optimizer, set_lr
 from cnn.profile import make_profiler
 from cnn.progress import Progress
 from cnn.rundir import RunDir, record
@@ -74,7 +74,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     raw = CNN(cfg.model.dropout).to(d.device)
     if cfg.train.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
-    opt = build_optimizer(raw.parameters(), cfg.optim, d.device)
+    opt = build_optimizer(raw, cfg.optim)
     prec = precision.choose(cfg.precision, d.device, raw, train_set.images[:per_rank], train_set.labels[:per_rank],
                             cfg.train.precision_probe)
     config_dict = config.to_dict(cfg)
@@ -123,8 +123,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             fault.maybe_fault(cfg.checkpoint, d.rank, step)
             idx = batch_indices(share, s, per_rank)
             x, y = train_set.images[idx], train_set.labels[idx]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, total_steps, cfg.optim)
+            set_lr(opt, step, total_steps, cfg.optim)
             torch.manual_seed(step_seed(cfg.seed, step, d.rank))
             with prec.autocast():
                 logits = model(x)

@@ -17,6 +17,7 @@ identically.
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from pathlib import Path
@@ -35,6 +36,9 @@ REQUIRED = ("format_version", "model", "optimizer", "scaler", "step", "epoch", "
 # Config keys that must match between a checkpoint and the run resuming from it:
 # anything else would silently make a different training run.
 RESUME_MUST_MATCH = ("seed", "model", "optim", "data.train_subset", "train.batch_size", "train.epochs")
+# Keys added to those sections after checkpoints were written, with the value that a saved
+# config without the key trained with: such a checkpoint still resumes when it matches.
+ADDED_KEYS = {"optim.muon_lr": 0.0}  # before Muon: Adam for every parameter
 
 
 class CheckpointError(RuntimeError):
@@ -139,6 +143,14 @@ def check_config(saved: dict[str, Any], now: dict[str, Any], source: str) -> Non
     checkpoint.resume path, else in another run.dir (checkpoint.resume=never in the same
     folder would mix the two runs' checkpoints and metrics).
     """
+    saved = copy.deepcopy(saved)
+    for dotted, value in ADDED_KEYS.items():
+        *parents, leaf = dotted.split(".")
+        node = saved
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.setdefault(leaf, value)
     for section in RESUME_MUST_MATCH:
         a, b = saved, now
         for part in section.split("."):

@@ -107,10 +107,12 @@ class TrainConfig:
 
 @dataclass
 class OptimConfig:
-    """Adam and its learning-rate schedule."""
+    """Adam (and Muon for the conv weights) and the learning-rate schedule."""
 
     lr: float = 4e-3
     """Peak Adam learning rate."""
+    muon_lr: float = 0.02
+    """Peak Muon learning rate for the weights of conv2 and conv3 (cnn/optim.py); 0 = Adam trains every parameter."""
     weight_decay: float = 0.0
     """Adam L2 weight decay."""
     schedule: str = "onecycle"
@@ -496,6 +498,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(0.0 <= cfg.model.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {cfg.model.dropout}")
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(o.muon_lr >= 0, "optim.muon_lr", f"must be >= 0 (0 = Adam only), got {o.muon_lr}")
     _check(o.schedule in SCHEDULES, "optim.schedule", f"'{o.schedule}' is not one of {', '.join(SCHEDULES)}")
     _check(0.0 <= o.warmup_frac < 1.0, "optim.warmup_frac", f"must be in [0, 1), got {o.warmup_frac}")
     _check(cfg.data.test_subset >= 0, "data.test_subset", f"must be >= 0, got {cfg.data.test_subset}")

