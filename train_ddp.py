@@ -67,7 +67,9 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     test_set = DeviceDataset.from_uint8(test_x, test_y, d.device, cfg.train.channels_last)
     global_batch, per_rank = cfg.train.batch_size, cfg.train.batch_size // d.world_size
     spe = steps_per_epoch(len(train_set), global_batch)
-    total_steps = min(cfg.train.epochs * spe, cfg.train.max_steps or cfg.train.epochs * spe)
+    total_steps = min(int(cfg.train.epochs * spe), cfg.train.max_steps or int(cfg.train.epochs * spe))
+    if total_steps < 1:
+        raise ConfigError(f"train.epochs: {cfg.train.epochs} of {spe} steps per epoch is not one optimizer step")
 
     # ---- model, optimizer, precision; `raw` is what evaluation and checkpoints use
     torch.manual_seed(cfg.seed)
@@ -127,7 +129,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             torch.manual_seed(step_seed(cfg.seed, step, d.rank))
             with prec.autocast():
                 logits = model(x)
-                loss = F.cross_entropy(logits, y)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
             prec.scaler.scale(loss).backward()
             ranks.after_backward()
             prec.scaler.step(opt)
@@ -199,7 +201,8 @@ def summarize(final, progress: Progress, total_steps: int, spe: int, peak: perf.
     return {
         "test_accuracy": final.accuracy, "test_loss": final.loss, "eval_count": final.count,
         "best_test_accuracy": max(progress.best_accuracy, final.accuracy),
-        "seconds_to_99": progress.seconds_to_99, "images_to_99": progress.images_to_99, "epochs": total_steps / spe, "steps": total_steps,
+        "seconds_to_99": progress.seconds_to_99, "images_to_99": progress.images_to_99,
+        "epochs": total_steps / spe, "steps": total_steps,
         "train_seconds": progress.train_seconds, "images": progress.images,
         **perf.peak_memory_mb(device),
         **perf.throughput(progress.images, progress.train_seconds, peak),
@@ -247,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return train(cfg, d, stop)
+    except ConfigError as exc:  # one that needs the data to tell (every rank sees the same)
+        console.error(exc, prefix="config error")
+        return 2
     except (mnist.DataError, checkpoint.CheckpointError, rundir.RunDirError, distributed.SideGroupError,
             FloatingPointError) as exc:
         console.error(exc)

@@ -38,7 +38,7 @@ REQUIRED = ("format_version", "model", "optimizer", "scaler", "step", "epoch", "
 RESUME_MUST_MATCH = ("seed", "model", "optim", "data.train_subset", "train.batch_size", "train.epochs")
 # Keys added to those sections after checkpoints were written, with the value that a saved
 # config without the key trained with: such a checkpoint still resumes when it matches.
-ADDED_KEYS = {"optim.muon_lr": 0.0}  # before Muon: Adam for every parameter
+ADDED_KEYS = {"optim.muon_lr": 0.0, "optim.label_smoothing": 0.0}  # before them: Adam for everything, no smoothing
 
 
 class CheckpointError(RuntimeError):

@@ -5,11 +5,12 @@ channel (conv2, conv3) are trained by Muon -- momentum orthogonalized by a Newto
 iteration (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/; the same
 iteration as torch.optim.Muon, which takes only 2-D parameters) on the weight flattened
 to out_channels x (in_channels * kh * kw).  Every other parameter (conv1, the biases, the
-two linear layers) stays with Adam.  Measured: the first 30,000 images (234 steps of
-128) reach 98.95-99.04% test accuracy over 5 seeds, against 98.63-98.80% with Adam
-alone.  Muon on the 2048x625 layer helped as much but cost ~4x the step (its
-Newton-Schulz products outweigh a batch of 128 images).  muon_lr=0 is Adam for
-everything, exactly as before Muon was added.
+two linear layers) stays with Adam.  Measured over the first 29,952 images (234 steps of
+128; README, "Sample efficiency"): 98.63-98.80% test accuracy with Adam alone, 98.93-99.04%
+with Muon on the convs, 99.16-99.32% with label smoothing 0.1 on top (the default recipe).
+Muon on the 2048x625 layer helped as much but cost ~4x the step on a CPU (its Newton-Schulz
+products outweigh a batch of 128 images); on the convs it costs ~5%.  muon_lr=0 is Adam
+for everything, exactly as before Muon was added.
 """
 
 from __future__ import annotations

@@ -67,7 +67,7 @@ def trained_run(mnist_root, tmp_path_factory) -> Path:
     run_dir = base / "run"
     proc = run([sys.executable, "train_ddp.py", *smoke_args(
         mnist_root, run_dir, "data.test_subset=0", "data.train_subset=2560", "train.batch_size=64",
-        "train.max_steps=40", "wandb.mode=offline", "wandb.log_model=true")],
+        "train.epochs=1", "train.max_steps=40", "wandb.mode=offline", "wandb.log_model=true")],
         WANDB_DATA_DIR=str(base / "wandb-data"))  # W&B stages artifact files there, not in ~/.local
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir

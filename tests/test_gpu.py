@@ -75,6 +75,7 @@ def test_no_host_device_sync_between_log_points(mnist_root, tmp_path, prec):
     log points (stop checks included: every 10 steps) would end the run with an error."""
     proc = run([sys.executable, "train_ddp.py", *smoke_args(mnist_root, tmp_path, f"precision={prec}",
                                                             "train.sync_debug=true", "train.log_every=25",
-                                                            "data.train_subset=6400", "train.batch_size=64")])
+                                                            "data.train_subset=6400", "train.batch_size=64",
+                                                            "train.epochs=1")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_summary(tmp_path)["steps"] == 100

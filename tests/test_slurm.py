@@ -66,7 +66,7 @@ def wait(env, job, timeout=240):
 
 
 def small(root):
-    return [f"data.root={root}", "data.train_subset=2560", "train.max_steps=20", "wandb.mode=offline",
+    return [f"data.root={root}", "data.train_subset=2560", "train.epochs=1", "train.max_steps=20", "wandb.mode=offline",
             "train.roofline=false"]
 
 
