@@ -115,6 +115,8 @@ CASES = [
     Case("override-without-equals", ["train.epochs"], 2, "train.epochs"),
     Case("override-without-key", ["=5"], 2, "has no key before its '='"),
     Case("override-space-separated", ["optim.lr", "0.002"], 2, "write optim.lr=0.002"),
+    Case("epochs-under-one-step", ["train.epochs=0.001"], 2,
+         "train.epochs: 0.001 of 2 steps per epoch is not one optimizer step"),
     Case("override-list-for-an-int", ["train.epochs=[1,2]"], 2, "train.epochs: Value '[1, 2]'"),
     Case("override-dict-for-a-section", ["train={epochs: 2}"], 2, "'train' is a section, not a key"),
     Case("override-not-a-list", ["wandb.tags=x"], 2, "wandb.tags: expects a list"),
