@@ -10,6 +10,7 @@ on an in-memory store, so DDP and the collectives run unchanged.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -237,7 +238,16 @@ def _store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
 
 
 def cleanup() -> None:
+    """Destroy every process group while the interpreter is fully alive.
+
+    gc.collect() first: DDP's reducer hooks form reference cycles, so the DDP object (and the
+    process group and gloo work it holds) would otherwise be freed only at interpreter
+    finalization, when gloo's C++ threads tearing down can abort the process
+    ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489 and
+    #179291 describe that teardown order) -- seen once in CI on a rank that had finished.
+    """
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
