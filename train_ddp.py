@@ -67,7 +67,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     test_set = DeviceDataset.from_uint8(test_x, test_y, d.device, cfg.train.channels_last)
     global_batch, per_rank = cfg.train.batch_size, cfg.train.batch_size // d.world_size
     spe = steps_per_epoch(len(train_set), global_batch)
-    total_steps = min(int(cfg.train.epochs * spe), cfg.train.max_steps or int(cfg.train.epochs * spe))
+    total_steps = int(cfg.train.epochs * spe)
+    total_steps = min(total_steps, cfg.train.max_steps or total_steps)
     if total_steps < 1:
         raise ConfigError(f"train.epochs: {cfg.train.epochs} of {spe} steps per epoch is not one optimizer step")
 

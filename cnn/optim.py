@@ -116,17 +116,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
     """Adam over every parameter (optim.muon_lr=0), else Adam + Muon (see the module doc)."""
     if cfg.muon_lr <= 0:
         return _adam(model.parameters(), cfg)
-    muon = {id(p) for p in muon_params(model)}
-    return AdamMuon(_adam([p for p in model.parameters() if id(p) not in muon], cfg),
-                    Muon(muon_params(model), lr=cfg.muon_lr))
+    muon = muon_params(model)
+    ids = {id(p) for p in muon}
+    return AdamMuon(_adam([p for p in model.parameters() if id(p) not in ids], cfg), Muon(muon, lr=cfg.muon_lr))
 
 
 def set_lr(opt: torch.optim.Optimizer | AdamMuon, step: int, total_steps: int, cfg: OptimConfig) -> None:
     """Every param group at its peak (optim.lr for Adam, optim.muon_lr for Muon) times the schedule."""
-    muon_groups = opt.muon.param_groups if isinstance(opt, AdamMuon) else []
-    for group in opt.param_groups:
-        peak = cfg.muon_lr if any(group is g for g in muon_groups) else cfg.lr
-        group["lr"] = lr_at(step, total_steps, cfg, peak)
+    peaks = [(opt.adam, cfg.lr), (opt.muon, cfg.muon_lr)] if isinstance(opt, AdamMuon) else [(opt, cfg.lr)]
+    for optimizer, peak in peaks:
+        lr = lr_at(step, total_steps, cfg, peak)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig, peak: float | None = None) -> float:
