@@ -39,7 +39,8 @@ from cnn.precision import DTYPES  # noqa: E402
 from cnn.rundir import read_metrics, read_summary  # noqa: E402
 from data import mnist  # noqa: E402
 
-QUICK_STEPS = 15  # --quick: three log windows of 5 steps, a median of the last two; no time-to-99
+QUICK_STEPS = 9  # --quick: three log windows of 3 steps, a median of the last two; no time-to-99
+EMULATED_STEPS = 15  # the full run's throughput-only row for a dtype this machine emulates
 QUICK_BATCH = 32  # --quick: 32 images per global step (bf16 autocast on an AVX2 CPU trains ~100 images/s)
 EVAL_IMAGES = 6_400  # evaluate every 6,400 training images (50 of our steps, 200 of the tutorial's), in both
 DTYPE = {"fp32": torch.float32, **DTYPES}
@@ -126,7 +127,8 @@ def main() -> None:
     # the runs need no roofline of their own (this script measures it once); --quick evaluates 200 images
     # (in an emulated dtype, 1,000 would take ~4 s)
     batch = QUICK_BATCH if args.quick else 128
-    quick = ["data.test_subset=200", "train.log_every=5", f"train.batch_size={batch}"] if args.quick else []
+    quick = ["data.test_subset=200", f"train.log_every={QUICK_STEPS // 3}", f"train.batch_size={batch}"] \
+        if args.quick else []
     steps = f"train.max_steps={QUICK_STEPS if args.quick else 0}"
     common = [f"data.root={args.root}", steps, "train.roofline=false", *quick]
     eval_every = 0 if args.quick else EVAL_IMAGES // batch
@@ -139,8 +141,8 @@ def main() -> None:
                             **json.loads(sh([sys.executable, "bench/tutorial.py", *tut], cores).strip().splitlines()[-1])}
         for p in precisions:
             # a dtype this machine only emulates (its matmuls slower than fp32's: bf16 on an AVX2 CPU
-            # trains at ~100 images/s) gets a throughput row only, of QUICK_STEPS steps
-            short = [f"train.max_steps={QUICK_STEPS}", "train.eval_every=0", "train.log_every=10"] \
+            # trains at ~100 images/s) gets a throughput row only, of EMULATED_STEPS steps
+            short = [f"train.max_steps={EMULATED_STEPS}", "train.eval_every=0", "train.log_every=5"] \
                 if emulated(p) and not args.quick else [f"train.eval_every={eval_every}"]
             rows[f"ours_{p}"] = ours(Path(tmp) / p, None, [*common, f"precision={p}", *short], cores)
         scal = [f"data.root={args.root}", "train.epochs=1", f"train.max_steps={QUICK_STEPS if args.quick else 300}",
@@ -192,7 +194,7 @@ def main() -> None:
         print(f"{k}: {v:.2f}")
     for p in filter(emulated, precisions[1:]):
         print(f"note: {p} matmuls run at {peak[('all', p)]:.0f} GFLOP/s here, below fp32's {peak[('all', 'fp32')]:.0f} "
-              f"(emulated: no native {p}), so the ours_{p} row ran {QUICK_STEPS} steps for its throughput only "
+              f"(emulated: no native {p}), so the ours_{p} row ran {EMULATED_STEPS} steps for its throughput only "
               "and its MFU against that roofline says little")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     roofline = {f"{p}@{threads}": v for (threads, p), v in peak.items()}

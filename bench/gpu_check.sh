@@ -73,7 +73,9 @@ else
 fi
 
 step "4/5 tests (GPU tests skip without CUDA)"
-MNIST_ROOT=$DATA timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_distributed.py \
+# one process (-o addopts drops pyproject's "-n 2": the GPU machines have no pytest-xdist, and one GPU)
+MNIST_ROOT=$DATA timeout 150 "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -o addopts="-ra --strict-markers" \
+  tests/test_gpu.py tests/test_distributed.py \
   tests/test_precision.py tests/test_perf.py tests/test_gpu_check.py > "$OUT/tests.txt" 2>&1 \
   || { tail -30 "$OUT/tests.txt"; echo "error: tests failed (all of it in $OUT/tests.txt)" >&2; exit 1; }
 tail -1 "$OUT/tests.txt"

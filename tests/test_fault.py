@@ -1,11 +1,9 @@
 """Fault tolerance with real launches: SIGKILL + elastic restart (bitwise), a hung rank and
-resume at another world size, checkpoint fallbacks and adaptations, Ctrl-C / SIGTERM."""
+resume at another world size, checkpoint fallbacks and adaptations (Ctrl-C / SIGTERM:
+test_interrupt.py)."""
 
-import os
 import re
 import shutil
-import signal
-import stat
 import subprocess
 import sys
 import threading
@@ -17,7 +15,7 @@ import torch
 
 from cnn import checkpoint
 from cnn.rundir import read_metrics, read_summary
-from conftest import REPO, child_env, ranks, run, smoke_args, torchrun
+from conftest import REPO, assert_ranks_ok, child_env, ranks, run, smoke_args, torchrun
 
 # 2 epochs of 30 steps (1920 images, global batch 64); checkpoints and logs every 10 steps.
 # The LR is pinned so that these runs do not move with the default recipe: the cross-world-size
@@ -51,16 +49,12 @@ def _python(root, run_dir, *args):
     return run([sys.executable, "train_ddp.py", *smoke_args(root, run_dir, *args)])
 
 
-def _assert_ranks_ok(procs):
-    assert [p.returncode for p in procs] == [0] * len(procs), "".join(p.stderr[-2000:] for p in procs)
-
-
 @pytest.fixture(scope="module")
 def reference(mnist_root, tmp_path_factory):
     """An uninterrupted 2-rank run of SMALL (ranks wired by environment variables, no torchrun
     agent: the same processes, data and collectives)."""
     run_dir = tmp_path_factory.mktemp("reference")
-    _assert_ranks_ok(ranks(2, *smoke_args(mnist_root, run_dir, *SMALL)))
+    assert_ranks_ok(ranks(2, *smoke_args(mnist_root, run_dir, *SMALL)))
     return run_dir
 
 
@@ -134,7 +128,7 @@ def test_hung_rank_ends_the_job_within_the_timeout_then_resume_at_another_world_
     # orthogonalization would pass the reduction-order noise on at another scale)
     args = (*SMALL, "model.dropout=0", "optim.muon_lr=0", "optim.label_smoothing=0")
     ref = tmp_path / "ref"  # uninterrupted, at world size 2
-    _assert_ranks_ok(ranks(2, *smoke_args(mnist_root, ref, *args)))
+    assert_ranks_ok(ranks(2, *smoke_args(mnist_root, ref, *args)))
     cut = tmp_path / "cut"
     proc, out, err, seconds = _timed_run(
         torchrun(2, *smoke_args(mnist_root, cut, *args, "checkpoint.fault_step=15", "checkpoint.fault_rank=1",
@@ -210,65 +204,6 @@ def test_explicit_checkpoint_needs_to_exist_on_rank_0_only(mnist_root, reference
     newest = checkpoint.list_checkpoints(reference)[0]
     procs = ranks(2, *smoke_args(mnist_root, tmp_path, *SMALL), rank_args=lambda r: (
         f"checkpoint.resume={newest if r == 0 else '/not/on/this/node.pt'}",))
-    _assert_ranks_ok(procs)
+    assert_ranks_ok(procs)
     assert f"resumed from step {STEPS}" in procs[0].stdout
     assert read_summary(tmp_path)["world_size"] == 2
-
-
-def _stop_after(cmd, run_dir, sig, step=20):
-    """Start cmd, send `sig` once metrics.jsonl has reached `step`; returns (returncode, stdout, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (metrics.exists() and f'"step": {step}' in metrics.read_text()):
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    return proc.returncode, out, err
-
-
-# 100 steps of one epoch; a stop check every 10 steps, checkpoints only at the end or when stopped.
-STOPPABLE = ("data.train_subset=6400", "train.batch_size=64", "train.epochs=1", "train.log_every=5",
-             "checkpoint.every_steps=0")
-
-
-def _stopped_step(run_dir, out, err, signame):
-    saved = checkpoint.list_checkpoints(run_dir)
-    assert len(saved) == 1, out + err  # one checkpoint, written once, by rank 0
-    step = checkpoint.load(saved[0])["step"]
-    assert 20 <= step < 100 and step % 10 == 0
-    assert out.count(f"{signame}: stopped at step {step} with a checkpoint; re-run with run.dir={run_dir} to resume") == 1
-    assert "KeyboardInterrupt" not in err and 'train_ddp.py", line' not in err, err[-3000:]
-    return step
-
-
-def test_ctrl_c_under_torchrun_stops_every_rank_at_one_step_then_resumes(mnist_root, tmp_path):
-    """Ctrl-C reaches torchrun, which forwards SIGINT to its workers: they stop at one agreed
-    step, rank 0 writes one checkpoint, no worker prints a traceback (torchrun itself reports
-    the signal), and a re-run finishes the job. SIGTERM takes the same path (exit 143)."""
-    args = smoke_args(mnist_root, tmp_path, *STOPPABLE)
-    code, out, err = _stop_after(torchrun(2, *args), tmp_path, signal.SIGINT)
-    assert code != 0
-    stopped_at = _stopped_step(tmp_path, out, err, "SIGINT")
-    assert err.count("press Ctrl-C again to exit at once") == 1  # rank 0 only
-    procs = ranks(2, *args)  # the re-run: any launcher
-    _assert_ranks_ok(procs)
-    assert f"resumed from step {stopped_at}" in procs[0].stdout
-    assert read_summary(tmp_path)["steps"] == 100
-
-
-def test_ctrl_c_plain_python_exits_130_then_resume_writes_group_readable_files(mnist_root, tmp_path):
-    """A plain `python train_ddp.py` stops on Ctrl-C like SIGTERM, with exit code 130. The
-    resumed run is made under umask 027: every file it writes is 0640 (mkstemp's 0600
-    would lock the group out of a shared run folder)."""
-    args = smoke_args(mnist_root, tmp_path, *STOPPABLE)
-    code, out, err = _stop_after([sys.executable, "train_ddp.py", *args], tmp_path, signal.SIGINT)
-    assert code == 130, err[-3000:]
-    stopped_at = _stopped_step(tmp_path, out, err, "SIGINT")
-    proc = subprocess.run([sys.executable, "train_ddp.py", *args], cwd=REPO, env=child_env(), capture_output=True,
-                          text=True, timeout=300, preexec_fn=lambda: os.umask(0o027))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from step {stopped_at}" in proc.stdout
-    files = [tmp_path / "summary.json", tmp_path / "config.yaml", tmp_path / "metrics.jsonl",
-             tmp_path / "predictions.pt", checkpoint.path_for(tmp_path, 100)]
-    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in files} == {f.name: "0o640" for f in files}

@@ -65,8 +65,8 @@ def wait(env, job, timeout=240):
     pytest.fail(f"job {job} did not finish in {timeout} s: {job_info(env, job)}")
 
 
-def small(root):
-    return [f"data.root={root}", "data.train_subset=2560", "train.epochs=1", "train.max_steps=20", "wandb.mode=offline",
+def small(root):  # W&B is off: the preemption test below covers it under SLURM
+    return [f"data.root={root}", "data.train_subset=2560", "train.epochs=1", "train.max_steps=20", "wandb.mode=disabled",
             "train.roofline=false"]
 
 
@@ -99,8 +99,8 @@ def test_single_node_template(cluster, mnist_root, tmp_path):
     assert s["world_size"] == 1 and s["eval_count"] == 10000
 
 
-# 75 steps of 64 images, a stop check every 10 steps
-PREEMPTIBLE = ("data.train_subset=4800", "train.batch_size=64", "train.epochs=1", "train.log_every=10",
+# 60 steps of 64 images, a stop check every 10 steps (the signal after step 20 lands at 30 or 40)
+PREEMPTIBLE = ("data.train_subset=3840", "train.batch_size=64", "train.epochs=1", "train.log_every=10",
                "train.roofline=false", "data.test_subset=1000")
 
 
@@ -128,7 +128,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_pa
     s = read_summary(tmp_path / "runs" / job)
     assert s["launcher"] == "torchrun" and s["world_size"] == 2 and s["nodes"] == 2
     assert s["slurm_node_ids"] == [0, 1], "both nodes must take part"
-    assert s["steps"] == 75 and s["eval_count"] == 1000  # as an uninterrupted job
+    assert s["steps"] == 60 and s["eval_count"] == 1000  # as an uninterrupted job
     assert s["test_accuracy"] > 0.9  # it learned (chance is 10%)
     run_dir = tmp_path / "runs" / job
     run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
@@ -169,5 +169,5 @@ def test_array_preempting_one_task_requeues_only_that_task(cluster, mnist_root, 
     assert not re.search("preemption|SIGTERM|resumed", logs[other]), "the other task was signalled or requeued"
     for t in tasks:  # one run folder per task, each finished, each with its own seed
         s = read_summary(tmp_path / "runs" / t)
-        assert s["steps"] == 75 and s["eval_count"] == 1000
+        assert s["steps"] == 60 and s["eval_count"] == 1000
         assert f"seed: {t.split('_')[1]}\n" in (tmp_path / "runs" / t / "config.yaml").read_text()

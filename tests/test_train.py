@@ -6,13 +6,13 @@ import sys
 import pytest
 
 from cnn.rundir import read_metrics, read_summary as _summary
-from conftest import REPO, child_env, free_port, ranks, run, smoke_args, torchrun
+from conftest import REPO, assert_ranks_ok, child_env, free_port, ranks, run, smoke_args, torchrun
 
 
 def test_eval_count_is_exact_at_world_size_3(mnist_root, tmp_path):
     run_dir = tmp_path / "run"
     procs = ranks(3, *smoke_args(mnist_root, run_dir, "train.batch_size=96", "train.max_steps=3", "data.test_subset=0"))
-    assert [p.returncode for p in procs] == [0, 0, 0], "".join(p.stderr[-2000:] for p in procs)
+    assert_ranks_ok(procs)
     s = _summary(run_dir)
     assert s["world_size"] == 3 and s["eval_count"] == 10000
 
