@@ -175,6 +175,7 @@ class Tracker(NullTracker):
         except Exception as exc:
             console.warn(f"W&B call failed ({type(exc).__name__}: {str(exc)[:200]}); continuing without W&B")
             self._wandb = None
+            _release_wandb()
 
     # ---------------------------------------------------------------- API
     def log(self, record: dict[str, Any], stream: bool = True) -> None:
@@ -257,6 +258,19 @@ class Tracker(NullTracker):
                 run.finish(exit_code=exit_code)
             except Exception as exc:
                 console.warn(f"W&B finish failed ({type(exc).__name__}: {str(exc)[:200]})")
+                _release_wandb()
+
+
+def _release_wandb() -> None:
+    """Tear down W&B's connection to its service process now, after a call failed. The usual cause
+    is a service that is gone: SLURM signals every process of a job step (scancel, preemption),
+    wandb-core included. Left to W&B's own atexit hook, the teardown of the dead connection
+    prints a traceback as the process exits."""
+    try:
+        import wandb
+        wandb.teardown()  # unregisters that atexit hook before it talks to the service
+    except (Exception, SystemExit):  # SystemExit: teardown exits with the service's exit code
+        pass
 
 
 def _new_run_id() -> str:

@@ -9,7 +9,7 @@ import torch
 from cnn.config import WandbConfig
 from cnn.rundir import RunDir, read_metrics, read_summary, record
 from cnn.tracking import Tracker
-from conftest import run, smoke_args, torchrun
+from conftest import REPO, run, smoke_args, torchrun
 import wandb_records as wr
 
 SMALL = ("data.train_subset=2560", "train.batch_size=64", "train.epochs=1", "train.log_every=10",
@@ -113,6 +113,40 @@ def test_online_without_key_or_server_falls_back_with_one_warning(tmp_path, monk
         assert [r["step"] for r in read_metrics(rd.path, "train")] == [10, 20]
         assert read_summary(rd.path)["steps"] == 20
         assert took < 60, f"{case}: {took:.0f} s"
+
+
+# The tracker in a process of its own, offline; then what SLURM's scancel does to every process
+# of a job step: wandb-core, this process's child, gets SIGTERM.
+SERVICE_KILLED = """
+import os, signal, sys, time
+sys.path.insert(0, {repo!r})
+from cnn.config import WandbConfig
+from cnn.rundir import RunDir, record
+from cnn.tracking import Tracker
+tracker = Tracker(RunDir({run_dir!r}), "seed: 0\\n", WandbConfig(mode="offline"), {{"seed": 0}})
+core = [int(p) for p in os.listdir("/proc") if p.isdigit() and b"wandb-core" in open(f"/proc/{{p}}/cmdline", "rb").read()
+        and open(f"/proc/{{p}}/stat").read().rsplit(")", 1)[1].split()[1] == str(os.getpid())]
+assert core, "no wandb-core child"
+os.kill(core[0], signal.SIGTERM)
+while open(f"/proc/{{core[0]}}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":  # until it has exited
+    time.sleep(0.05)
+for step in (10, 20, 30):
+    tracker.log(record("train", step, 0, train_loss=1.0 / step))
+    time.sleep(0.2)
+tracker.summary({{"steps": 30}})
+tracker.finish()
+"""
+
+
+def test_a_killed_wandb_service_costs_one_warning_and_no_traceback(tmp_path):
+    """Training goes on with metrics.jsonl and summary.json when W&B's service dies under it, and
+    the process exits 0 without W&B's atexit hook printing a traceback of the dead connection."""
+    proc = run([sys.executable, "-c", SERVICE_KILLED.format(repo=str(REPO), run_dir=str(tmp_path))], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("warning: W&B") == 1, proc.stderr
+    assert [r["step"] for r in read_metrics(tmp_path, "train")] == [10, 20, 30]
+    assert read_summary(tmp_path)["steps"] == 30
 
 
 def test_wandb_group_is_the_configured_one(tmp_path, monkeypatch):
