@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -97,12 +98,19 @@ def smoke_args(root: Path, run_dir: Path, *more: str) -> list[str]:
 def trained_run(mnist_root, tmp_path_factory) -> Path:
     """One small finished run, shared by the tests of evaluate, predict, export and the W&B
     model artifact: 40 steps (~90% test accuracy), the whole test set counted in its
-    summary (what evaluate must reproduce), W&B offline with wandb.log_model=true."""
-    base = tmp_path_factory.mktemp("trained")
+    summary (what evaluate must reproduce), W&B offline with wandb.log_model=true.
+    Made once per session, not once per xdist worker: the workers' temporary folders share
+    a parent, and the first worker to take the lock trains (pytest-xdist's documented pattern)."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # else (-n 0) this session's own folder
+        shared = shared.parent
+    base = shared / "trained"
     run_dir = base / "run"
-    proc = run([sys.executable, "train_ddp.py", *smoke_args(
-        mnist_root, run_dir, "data.test_subset=0", "data.train_subset=2560", "train.batch_size=64",
-        "train.epochs=1", "train.max_steps=40", "wandb.mode=offline", "wandb.log_model=true")],
-        WANDB_DATA_DIR=str(base / "wandb-data"))  # W&B stages artifact files there, not in ~/.local
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    with FileLock(shared / "trained.lock"):
+        if not (run_dir / "summary.json").exists():
+            proc = run([sys.executable, "train_ddp.py", *smoke_args(
+                mnist_root, run_dir, "data.test_subset=0", "data.train_subset=2560", "train.batch_size=64",
+                "train.epochs=1", "train.max_steps=40", "wandb.mode=offline", "wandb.log_model=true")],
+                WANDB_DATA_DIR=str(base / "wandb-data"))  # W&B stages artifact files there, not in ~/.local
+            assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
