@@ -30,15 +30,21 @@ def cluster():
     base = Path(tempfile.mkdtemp(prefix="mnist-ddp-slurm-"))
     base.chmod(0o755)
     env = dict(os.environ, SLURM_TEST_DIR=str(base))
+    env["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
+
+    def stop():
+        subprocess.run(["bash", str(HARNESS / "stop_cluster.sh"), "--purge"], env=env, timeout=120)
+        shutil.rmtree(base, ignore_errors=True)
+
     start = subprocess.run(["bash", str(HARNESS / "start_cluster.sh")], env=env, capture_output=True, text=True,
                            timeout=600)
-    if start.returncode != 0 and not shutil.which("slurmctld"):
-        pytest.skip(f"SLURM could not be installed: {start.stderr.strip()[-300:]}")
-    assert start.returncode == 0, start.stderr
-    env["SLURM_CONF"] = str(base / "etc" / "slurm.conf")
+    if start.returncode != 0:  # stop what did start (munged, a daemon): no teardown runs after a failed setup
+        stop()
+        if not shutil.which("slurmctld"):
+            pytest.skip(f"SLURM could not be installed: {start.stderr.strip()[-300:]}")
+        pytest.fail(f"the test cluster did not start: {start.stderr[-3000:]}")
     yield env
-    subprocess.run(["bash", str(HARNESS / "stop_cluster.sh"), "--purge"], env=env, timeout=120)
-    shutil.rmtree(base, ignore_errors=True)
+    stop()
 
 
 def sbatch(env, tmp_path, template, *train_args, options=()):
