@@ -35,7 +35,7 @@ import torch
 import train_ddp
 from cnn import checkpoint
 from cnn.model import CNN
-from conftest import REPO, child_env, free_port
+from conftest import REPO, child_env, ranks
 from data import mnist
 
 # Appended to every trainer row: if a row's input were (wrongly) accepted, the run stays tiny.
@@ -229,12 +229,9 @@ def test_bad_input(case, inputs, mnist_root, tmp_path, monkeypatch, capfd, signa
         code = _command(args, monkeypatch)
         stderr = capfd.readouterr().err
     else:  # two ranks, started by hand so that no agent kills one before it reports
-        env = dict(WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         t0 = time.monotonic()
-        procs = [subprocess.Popen([sys.executable, "train_ddp.py", *base, *args], cwd=REPO,
-                                  env=child_env(RANK=str(r), LOCAL_RANK=str(r), **env), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True) for r in range(2)]
-        errs = [p.communicate(timeout=120)[1] for p in procs]
+        procs = ranks(2, *base, *args, timeout=120)
+        errs = [p.stderr for p in procs]
         assert time.monotonic() - t0 < 60, f"{case.id}: the ranks waited for a collective timeout"
         for p, err in zip(procs, errs):
             assert p.returncode == case.code, f"{case.id}: exit {p.returncode}\n{err[-3000:]}"

@@ -138,15 +138,10 @@ def test_bad_config_fails_on_every_rank_without_waiting():
 
     The ranks are started by hand (not torchrun, whose agent kills the survivors as soon
     as the first rank fails, so their messages may never be printed)."""
-    from conftest import free_port
-    port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, "train_ddp.py", "train.batch_size=129"], cwd=REPO,
-                              env=child_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                            MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120)[1] for p in procs]
+    from conftest import ranks
+    procs = ranks(2, "train.batch_size=129", timeout=120)
     assert [p.returncode for p in procs] == [2, 2]
-    for err in outs:  # batch 129 is not divisible by world size 2
+    for err in (p.stderr for p in procs):  # batch 129 is not divisible by world size 2
         assert err.strip().splitlines() == [
             "config error: train.batch_size: global batch 129 is not divisible by the world size 2"]
 
