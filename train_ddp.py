@@ -45,15 +45,15 @@ STOP_CHECK_EVERY = 10  # steps between the (host-only) collectives that agree on
 
 
 def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> int:
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    threads = distributed.set_cpu_threads(cfg.train.threads, d)
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
     run = RunDir(distributed.broadcast_object(str(rundir.resolve(cfg.run.dir))))
     if error := distributed.on_rank0(run.create, d.is_main):  # every rank stops at once, with rank 0's reason
         raise rundir.RunDirError(error)
     out = console.make_console(d.is_main)
-    out.info(f"world size {d.world_size} ({d.launcher}, {d.num_nodes} node(s)), backend {d.backend}, device {d.device}")
+    out.info(f"world size {d.world_size} ({d.launcher}, {d.num_nodes} node(s)), backend {d.backend}, device {d.device}, "
+             f"{threads}")
 
     # ---- data: fetched once per node, resident on the device, normalized once
     error = distributed.once_per_node(

@@ -86,7 +86,7 @@ class TrainConfig:
     channels_last: bool = True
     """Use the channels_last memory format (measured ~15% faster on a 2-core AVX2 EPYC, fp32)."""
     threads: int = 0
-    """torch intra-op threads per process (0 = leave torch's/torchrun's choice)."""
+    """torch intra-op threads per process (0 = OMP_NUM_THREADS if set, else within SLURM_CPUS_PER_TASK, else torch's choice)."""
     roofline: bool = True
     """Measure the matmul roofline at start-up (~0.6 s, in the run's precision) for MFU; false reports MFU as 0."""
     precision_probe: bool = False

@@ -19,7 +19,7 @@ import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -158,6 +158,39 @@ def pick_device(requested: str, local_rank: int, local_world_size: int = 1, laun
                            os.environ.get("CUDA_VISIBLE_DEVICES"), launcher)
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def cpu_threads(requested: int, launcher: str, local_world_size: int, default: int,
+                env: Mapping[str, str] = os.environ) -> tuple[int, str]:
+    """This process's intra-op thread count and why: (count, reason for the log).
+
+    `default` is torch's own choice (torch.get_num_threads() before any is set): OMP_NUM_THREADS or
+    MKL_NUM_THREADS where set (torchrun sets OMP_NUM_THREADS=1 for more than one process per node),
+    else the CPUs this process may run on (measured: under `taskset -c 0` torch picks 1). A SLURM
+    cluster that does not bind tasks to their CPUs (TaskPlugin=task/none) lets every task run on
+    every core of its node, so each srun-started rank would take the whole node: there the job's
+    allocation, SLURM_CPUS_PER_TASK, bounds the count, shared by the local ranks of one task
+    (torchrun's workers are one srun task), never above `default`. train.threads (`requested`)
+    overrides all of this."""
+    if requested:
+        return requested, "train.threads"
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        if env.get(name):
+            return default, f"{name}={env[name]}"
+    cpus = env.get("SLURM_CPUS_PER_TASK", "")
+    if cpus.isdigit() and int(cpus) > 0:
+        sharing = local_world_size if launcher == "torchrun" else 1
+        why = f"SLURM_CPUS_PER_TASK={cpus}" + (f" shared by {sharing} local ranks" if sharing > 1 else "")
+        return max(1, min(default, int(cpus) // sharing)), why
+    return default, "torch's default: the CPUs this process may run on"
+
+
+def set_cpu_threads(requested: int, d: Dist) -> str:
+    """Apply cpu_threads() to this process; the log line's words ("2 threads per rank (why)")."""
+    count, why = cpu_threads(requested, d.launcher, d.local_world_size, torch.get_num_threads())
+    if count != torch.get_num_threads():
+        torch.set_num_threads(count)
+    return f"{count} thread{'s' if count > 1 else ''} per rank ({why})"
 
 
 def setup(device: str = "auto", init_timeout_s: float = 600.0) -> Dist:

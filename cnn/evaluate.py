@@ -147,8 +147,7 @@ def report_text(r: dict[str, Any]) -> str:
 
 def run_evaluation(trained: Trained, cfg: Config, d: distributed.Dist, split: str) -> dict[str, Any]:
     """Evaluate on every rank; the report (on every rank) from all ranks' predictions."""
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    distributed.set_cpu_threads(cfg.train.threads, d)
     error = distributed.once_per_node(lambda: mnist.ensure(cfg.data.root, cfg.data.download, log=console.say),
                                       d.local_rank, cfg.dist.data_timeout_s)
     if error:

@@ -53,6 +53,41 @@ def test_choose_gpu(case, launcher, lws, cvd_of, want):
             assert f"CUDA_VISIBLE_DEVICES='{cvd}'" in msg
 
 
+# (case, train.threads, launcher, local_world_size, environment, torch's default on a 64-core node, want)
+THREAD_CASES = [
+    ("train.threads wins over everything", 3, "slurm", 8, {"OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "8"}, 64, 3),
+    # torchrun --nproc_per_node=8 sets OMP_NUM_THREADS=1; torch read it already (its default is then 1)
+    ("torchrun's OMP_NUM_THREADS", 0, "torchrun", 8, {"OMP_NUM_THREADS": "1", "SLURM_CPUS_PER_TASK": "16"}, 1, 1),
+    ("MKL_NUM_THREADS", 0, "single", 1, {"MKL_NUM_THREADS": "4"}, 4, 4),
+    # srun starts 8 tasks per node with --cpus-per-task=8, TaskPlugin=task/none: each sees all 64 cores
+    ("srun direct, unbound", 0, "slurm", 8, {"SLURM_CPUS_PER_TASK": "8"}, 64, 8),
+    # one srun task per node runs torchrun --nproc_per_node=4 with OMP_NUM_THREADS set to "" by the user
+    ("torchrun in one srun task", 0, "torchrun", 4, {"SLURM_CPUS_PER_TASK": "16", "OMP_NUM_THREADS": ""}, 64, 4),
+    ("more local ranks than CPUs", 0, "torchrun", 4, {"SLURM_CPUS_PER_TASK": "2"}, 64, 1),
+    # task/affinity binds the task to its 8 CPUs (torch's default is then 8): never above it
+    ("bound task, hyperthreads counted", 0, "slurm", 1, {"SLURM_CPUS_PER_TASK": "16"}, 8, 8),
+    ("python inside sbatch -c 4", 0, "single", 1, {"SLURM_CPUS_PER_TASK": "4"}, 64, 4),
+    ("no SLURM", 0, "single", 1, {}, 64, 64),
+    ("unparsable SLURM_CPUS_PER_TASK", 0, "slurm", 1, {"SLURM_CPUS_PER_TASK": "4(x2)"}, 64, 64),
+]
+
+
+@pytest.mark.parametrize("case, requested, launcher, lws, env, default, want", THREAD_CASES,
+                         ids=[c[0] for c in THREAD_CASES])
+def test_cpu_threads(case, requested, launcher, lws, env, default, want):
+    count, why = distributed.cpu_threads(requested, launcher, lws, default, env)
+    assert count == want
+    names = [n for n in ("train.threads", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "SLURM_CPUS_PER_TASK")
+             if n in why]
+    assert len(names) <= 1 and "\n" not in why, why  # one reason, on the log line
+    if requested:
+        assert names == ["train.threads"]
+    elif any(env.get(n) for n in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")):
+        assert names and env[names[0]] in why
+    elif want != default:
+        assert names == ["SLURM_CPUS_PER_TASK"] and (launcher != "torchrun" or f"shared by {lws}" in why)
+
+
 def test_bound_gpus_are_distinct_per_node():
     """Across a node's ranks, every accepted assignment uses distinct physical GPUs."""
     for case, launcher, lws, cvd_of, want in GPU_CASES:

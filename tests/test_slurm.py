@@ -90,6 +90,8 @@ def test_srun_direct_template(cluster, mnist_root, tmp_path):
     assert s["launcher"] == "slurm" and s["world_size"] == 2 and s["nodes"] == 2
     assert s["slurm_node_ids"] == [0, 1], "both nodes must take part"
     assert s["eval_count"] == 10000 and s["steps"] == 20
+    # the test cluster binds no CPUs (TaskPlugin=task/none): each task is held to its --cpus-per-task=1
+    assert s["threads_per_rank"] == 1 and "1 thread per rank (SLURM_CPUS_PER_TASK=1)" in log
     # the same 20 global batches as any other launch of this config: 88.15% after 20 steps (seen
     # at world size 1 and 2); a loose bound keeps it robust to the machine's math library
     assert 0.8 < s["test_accuracy"] < 0.95
@@ -133,6 +135,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_pa
     assert "training step finished with exit code 0" in log
     s = read_summary(tmp_path / "runs" / job)
     assert s["launcher"] == "torchrun" and s["world_size"] == 2 and s["nodes"] == 2
+    assert s["threads_per_rank"] == 1  # torchrun's one worker per srun task, in the task's --cpus-per-task=1
     assert s["slurm_node_ids"] == [0, 1], "both nodes must take part"
     assert s["steps"] == 60 and s["eval_count"] == 1000  # as an uninterrupted job
     assert s["test_accuracy"] > 0.9  # it learned (chance is 10%)
