@@ -194,8 +194,8 @@ def main() -> None:
         print(f"{k}: {v:.2f}")
     for p in filter(emulated, precisions[1:]):
         print(f"note: {p} matmuls run at {peak[('all', p)]:.0f} GFLOP/s here, below fp32's {peak[('all', 'fp32')]:.0f} "
-              f"(emulated: no native {p}), so the ours_{p} row ran {EMULATED_STEPS} steps for its throughput only "
-              "and its MFU against that roofline says little")
+              f"(emulated: no native {p}), so the ours_{p} row ran {QUICK_STEPS if args.quick else EMULATED_STEPS} steps "
+              "for its throughput only and its MFU against that roofline says little")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     roofline = {f"{p}@{threads}": v for (threads, p), v in peak.items()}
     args.json.write_text(json.dumps({"quick": args.quick, "roofline_gflops": roofline, "rows": rows, "ratios": ratios},

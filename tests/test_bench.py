@@ -30,6 +30,8 @@ def test_quick_benchmark_runs_and_reports(mnist_root, tmp_path):
                   "2rank/1rank scaling efficiency", "2rank/1rank weak scaling efficiency",
                   "DDP efficiency: 2rank_weak/2 independent jobs"):
         assert f"{ratio}: {result['ratios'][ratio]:.2f}" in proc.stdout
+    if roof["bf16@all"] < roof["fp32@all"]:  # emulated here: the note names the steps --quick ran (QUICK_STEPS)
+        assert "so the ours_bf16 row ran 9 steps for its throughput only" in proc.stdout, proc.stdout[-2000:]
     header = next(line for line in proc.stdout.splitlines() if line.startswith("pipeline"))
     assert header.split()[:2] == ["pipeline", "prec"] and "img to 99%" in header
 
