@@ -166,7 +166,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             if do_eval:
                 last_eval = run_eval(keep_predictions=step == total_steps)  # the last is also the final evaluation
                 progress.record_eval(last_eval.accuracy)
-                log_eval(tracker, out, progress, peak, step, epoch, epoch_end, last_eval, train_loss, train_acc)
+                progress.log_eval(tracker, out, peak, step, epoch, epoch_end, last_eval, train_loss, train_acc)
             if do_save:
                 out.info(f"checkpoint {saver.save(step, progress_state(progress, tracker))}")
             if stop_signal:
@@ -185,7 +185,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         shards: list = [None] * d.world_size
         dist.all_gather_object(shards, final.predictions.cpu())  # rank order = test-set order
         tracker.predictions(test_x, test_y, torch.cat(shards))
-        summary = {**summarize(final, progress, total_steps, spe, peak, d.device), **replays.facts(), **facts,
+        summary = {**progress.summarize(final, total_steps, spe, peak, d.device), **replays.facts(), **facts,
                    "run_dir": str(run)}
         tracker.summary(summary)
         out.info(f"done: test accuracy {final.accuracy:.4f} ({final.count} images), {summary['images_per_sec']:.0f} "
@@ -194,37 +194,6 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         return exit_code
     finally:
         tracker.finish(exit_code)
-
-
-def summarize(final, progress: Progress, total_steps: int, spe: int, peak: perf.Roofline,
-              device: torch.device) -> dict:
-    """The run's figures for summary.json and W&B (collective: peak memory is the largest rank's)."""
-    return {
-        "test_accuracy": final.accuracy, "test_loss": final.loss, "eval_count": final.count,
-        "best_test_accuracy": max(progress.best_accuracy, final.accuracy),
-        "seconds_to_99": progress.seconds_to_99, "images_to_99": progress.images_to_99,
-        "epochs": total_steps / spe, "steps": total_steps,
-        "train_seconds": progress.train_seconds, "images": progress.images,
-        **perf.peak_memory_mb(device),
-        **perf.throughput(progress.images, progress.train_seconds, peak),
-    }
-
-
-def log_eval(tracker, out: console.NullConsole, progress: Progress, peak: perf.Roofline, step: int, epoch: int,
-             epoch_end: bool, ev, train_loss: float, train_acc: float) -> None:
-    """Record an evaluation: an "eval" record mid-epoch; at an epoch's end an "epoch" record with
-    the epoch's throughput, and its line on the console."""
-    test = {"test_loss": ev.loss, "test_accuracy": ev.accuracy, "eval_count": ev.count,
-            "train_seconds": progress.train_seconds}
-    if not epoch_end:
-        tracker.log(record("eval", step, epoch, **test))
-        return
-    images, seconds = progress.close_epoch()
-    tp = perf.throughput(images, seconds, peak)
-    tracker.log(record("epoch", step, epoch, train_loss=train_loss, train_accuracy=train_acc, **test,
-                       epoch_seconds=seconds, **tp))
-    out.info(f"epoch {epoch} step {step}: train loss {train_loss:.4f} acc {train_acc:.4f} | test loss {ev.loss:.4f} "
-             f"acc {ev.accuracy:.4f} ({ev.count} images) | {tp['images_per_sec']:.0f} img/s, {seconds:.1f} s")
 
 
 def progress_state(progress: Progress, tracker) -> dict:

@@ -1,9 +1,15 @@
-"""Training progress that outlives a restart: saved in every checkpoint, read back on resume."""
+"""Training progress that outlives a restart (saved in every checkpoint, read back on resume),
+and the records made from it: each evaluation's, and the run's summary figures."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Any
+
+import torch
+
+from cnn import perf
+from cnn.rundir import record
 
 TARGET_ACCURACY = 0.99  # seconds_to_99 / images_to_99: training time / images until the first evaluation at or above this
 
@@ -40,6 +46,36 @@ class Progress:
         done = (self.images - self.epoch_start_images, self.train_seconds - self.epoch_start_seconds)
         self.epoch_start_images, self.epoch_start_seconds = self.images, self.train_seconds
         return done
+
+    def log_eval(self, tracker, out, peak: perf.Roofline, step: int, epoch: int, epoch_end: bool, ev,
+                 train_loss: float, train_acc: float) -> None:
+        """Record an evaluation: an "eval" record mid-epoch; at an epoch's end an "epoch" record with
+        the epoch's throughput, and its line on the console (`out`)."""
+        test = {"test_loss": ev.loss, "test_accuracy": ev.accuracy, "eval_count": ev.count,
+                "train_seconds": self.train_seconds}
+        if not epoch_end:
+            tracker.log(record("eval", step, epoch, **test))
+            return
+        images, seconds = self.close_epoch()
+        tp = perf.throughput(images, seconds, peak)
+        tracker.log(record("epoch", step, epoch, train_loss=train_loss, train_accuracy=train_acc, **test,
+                           epoch_seconds=seconds, **tp))
+        out.info(f"epoch {epoch} step {step}: train loss {train_loss:.4f} acc {train_acc:.4f} | test loss "
+                 f"{ev.loss:.4f} acc {ev.accuracy:.4f} ({ev.count} images) | {tp['images_per_sec']:.0f} img/s, "
+                 f"{seconds:.1f} s")
+
+    def summarize(self, final, total_steps: int, spe: int, peak: perf.Roofline, device: torch.device) -> dict:
+        """The run's figures for summary.json and W&B, after the final evaluation `final`
+        (collective: peak memory is the largest rank's)."""
+        return {
+            "test_accuracy": final.accuracy, "test_loss": final.loss, "eval_count": final.count,
+            "best_test_accuracy": max(self.best_accuracy, final.accuracy),
+            "seconds_to_99": self.seconds_to_99, "images_to_99": self.images_to_99,
+            "epochs": total_steps / spe, "steps": total_steps,
+            "train_seconds": self.train_seconds, "images": self.images,
+            **perf.peak_memory_mb(device),
+            **perf.throughput(self.images, self.train_seconds, peak),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
