@@ -89,5 +89,6 @@ class Progress:
             return cls(**state["progress"])
         old = state.get("history") or {}
         seconds, images = old.get("epoch_start", (0.0, 0))
-        return cls(old.get("train_seconds", 0.0), old.get("images", 0), old.get("best_test_accuracy", 0.0),
-                   old.get("seconds_to_99"), seconds, images)
+        return cls(train_seconds=old.get("train_seconds", 0.0), images=old.get("images", 0),
+                   best_accuracy=old.get("best_test_accuracy", 0.0), seconds_to_99=old.get("seconds_to_99"),
+                   epoch_start_seconds=seconds, epoch_start_images=images)  # 0.1 did not count images to 99%

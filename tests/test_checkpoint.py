@@ -5,6 +5,7 @@ import torch
 
 from cnn import checkpoint
 from cnn.model import CNN
+from cnn.progress import Progress
 
 
 def _state(step: int) -> dict:
@@ -205,3 +206,17 @@ def test_restore_into_fp16_starts_a_fresh_scaler_and_fp16_state_loads_anywhere()
     assert checkpoint.restore(fp16, m2, o2, s2) == [] and s2.get_scale() == s.get_scale()
     m3, o3, s3 = _trained(True, False)
     assert checkpoint.restore(fp16, m3, o3, s3) == []  # back to fp32: the scaler state is not needed
+
+
+def test_progress_resumes_from_new_and_0_1_checkpoints():
+    """Progress round-trips through a checkpoint's "progress"; a 0.1 checkpoint's "history" dict
+    (epoch_start = (train seconds, images) when the epoch began) maps field by field."""
+    now = Progress(train_seconds=12.5, images=6400, best_accuracy=0.98, seconds_to_99=None, images_to_99=None,
+                   epoch_start_seconds=10.0, epoch_start_images=5120)
+    assert Progress.from_checkpoint({"progress": now.state_dict()}) == now
+    old = {"history": {"train_seconds": 30.0, "images": 59904, "best_test_accuracy": 0.991, "seconds_to_99": 28.0,
+                       "epoch_start": (15.0, 29952)}}
+    assert Progress.from_checkpoint(old) == Progress(
+        train_seconds=30.0, images=59904, best_accuracy=0.991, seconds_to_99=28.0, images_to_99=None,
+        epoch_start_seconds=15.0, epoch_start_images=29952)
+    assert Progress.from_checkpoint(None) == Progress()
