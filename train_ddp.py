@@ -182,18 +182,24 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
 
         # ---- final evaluation and summary (a finished run started again evaluates here)
         final = last_eval if last_eval is not None and last_eval.predictions is not None else run_eval(keep_predictions=True)
-        shards: list = [None] * d.world_size
-        dist.all_gather_object(shards, final.predictions.cpu())  # rank order = test-set order
-        tracker.predictions(test_x, test_y, torch.cat(shards))
-        summary = {**progress.summarize(final, total_steps, spe, peak, d.device), **replays.facts(), **facts,
-                   "run_dir": str(run)}
-        tracker.summary(summary)
-        out.info(f"done: test accuracy {final.accuracy:.4f} ({final.count} images), {summary['images_per_sec']:.0f} "
-                 f"img/s, {progress.train_seconds:.1f} s training; {run.file(rundir.SUMMARY)}")
+        report(final, d.world_size, run, tracker, out, (test_x, test_y),
+               {**progress.summarize(final, total_steps, spe, peak, d.device), **replays.facts(), **facts})
         exit_code = 0
         return exit_code
     finally:
         tracker.finish(exit_code)
+
+
+def report(final, world_size: int, run: RunDir, tracker, out: console.NullConsole, test_uint8: tuple,
+           summary: dict) -> None:
+    """The final evaluation's outputs (collective): every rank's predictions gathered in test-set
+    order into predictions.pt and W&B's figures, the summary, and the last console line."""
+    shards: list = [None] * world_size
+    dist.all_gather_object(shards, final.predictions.cpu())  # rank order = test-set order
+    tracker.predictions(*test_uint8, torch.cat(shards))
+    tracker.summary({**summary, "run_dir": str(run)})
+    out.info(f"done: test accuracy {final.accuracy:.4f} ({final.count} images), {summary['images_per_sec']:.0f} "
+             f"img/s, {summary['train_seconds']:.1f} s training; {run.file(rundir.SUMMARY)}")
 
 
 def progress_state(progress: Progress, tracker) -> dict:

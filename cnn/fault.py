@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import sys
 import time
 
 import torch
 import torch.distributed as dist
 
+from cnn import console
 from cnn.config import CheckpointConfig
 
 
@@ -29,7 +29,7 @@ def maybe_fault(cfg: CheckpointConfig, rank: int, step: int) -> None:
     """Fail here if this is the rehearsed step and rank, on the first attempt."""
     if not (cfg.fault_step and step == cfg.fault_step and rank == cfg.fault_rank and first_attempt()):
         return
-    print(f"fault injection: rank {rank} {cfg.fault_kind}s at step {step}", file=sys.stderr, flush=True)
+    console.warn(f"fault injection: rank {rank} {cfg.fault_kind}s at step {step}")  # this rank's own line
     if cfg.fault_kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would
     if cfg.fault_kind == "hang":
