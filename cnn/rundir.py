@@ -42,10 +42,12 @@ METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 PREDICTIONS = "predictions.pt"
 WANDB_ID = "wandb_run_id.txt"
-WANDB_DIR = "wandb"
+WANDB_DIR = "wandb"  # written by wandb itself, given the run folder as its dir
 CHECKPOINTS = "checkpoints"
 MODEL = "model.safetensors"
 PROFILE = "profile"
+EXPORT = "export"  # mnist-ddp export's default folder
+PLOTS = {"loss": "loss.png", "accuracy": "accuracy.png", "predictions": "predictions.png"}  # mnist-ddp plot
 EVENTS = ("start", "train", "eval", "epoch", "samples")
 
 
@@ -54,6 +56,8 @@ def job_id(env: Mapping[str, str] = os.environ) -> str:
 
     A SLURM array task is ``<array job>_<task>`` (each task its own folder); else the
     SLURM job id; else torchrun's run id (torchrun's placeholder "none" counts as none).
+    slurm/common.sh's JOB_REF is the same rule for the templates' shell (tests/test_slurm_trap.py
+    checks that they agree).
     """
     if env.get("SLURM_ARRAY_JOB_ID") and env.get("SLURM_ARRAY_TASK_ID"):
         return f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
@@ -220,7 +224,8 @@ class MetricsLog:
 
 def read_metrics(path: str | os.PathLike, *events: str) -> list[dict[str, Any]]:
     """The records of a run folder's metrics.jsonl (or of that file), in order; only
-    those of the given events if any are named."""
+    those of the given events if any are named. Every record has an "event": the train
+    records that version 0.1 wrote without one read as "train" (here only)."""
     path = Path(path)
     if path.is_dir():
         path = path / METRICS
@@ -228,7 +233,7 @@ def read_metrics(path: str | os.PathLike, *events: str) -> list[dict[str, Any]]:
     recs = []
     for i, line in enumerate(lines):
         try:
-            recs.append(json.loads(line))
+            recs.append({"event": "train", **json.loads(line)})
         except ValueError:
             if i < len(lines) - 1:  # only the last line can be torn (a kill mid-write; line-buffered)
                 raise

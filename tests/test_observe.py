@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from cnn import compare
+from cnn import compare, rundir
 from cnn.perf import Stragglers
 from cnn.profile import activities, top_operators
 from cnn.rundir import RunDir, read_metrics, record
@@ -164,6 +164,18 @@ def test_compare_keeps_one_record_per_step_of_a_restarted_run(tmp_path):
     res = compare.results(runs[1])
     assert res["final acc"] == 0.9 and res["s to 99%"] is None and res["finished"] == "no" and res["steps"] == 40
 
+
+
+def test_train_records_of_0_1_without_an_event_read_as_train(tmp_path):
+    """Version 0.1 wrote train records without "event": read_metrics (the one reader) names them,
+    and compare takes such a run like any other."""
+    a, b = _fake_run(tmp_path / "a", restarted=False), _fake_run(tmp_path / "b", restarted=False)
+    metrics = b.file(rundir.METRICS)
+    metrics.write_text("".join(line.replace('"event": "train", ', "") + "\n" for line in metrics.read_text().splitlines()))
+    assert '"event": "train"' not in metrics.read_text()
+    assert [r["step"] for r in read_metrics(b.path, "train")] == [10, 20, 30, 40]
+    runs = [compare.load(a.path, "a"), compare.load(b.path, "b")]
+    assert [t["train_loss"] for t in runs[1].train] == [t["train_loss"] for t in runs[0].train]
 
 def test_compare_refuses_a_folder_that_is_not_a_run_and_a_single_run(tmp_path, capsys):
     a = _fake_run(tmp_path / "a", restarted=False)
