@@ -78,7 +78,8 @@ def first_slurm_host() -> str:
 
 
 def slurm_port() -> int:
-    """A port derived from the job id, so concurrent jobs on shared nodes don't collide."""
+    """A port derived from the job id, so concurrent jobs on shared nodes don't collide
+    (slurm/common.sh's job_port, for the torchrun templates, is the same formula)."""
     return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
 
 

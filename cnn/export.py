@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CheckpointError as exc:
         console.error(exc)
         return 1
-    folder = args.out or rundir.of_checkpoint(trained.path).file("export")
+    folder = args.out or rundir.of_checkpoint(trained.path).file(rundir.EXPORT)
     targets = {fmt: folder / FILES[fmt] for fmt in formats}
     existing = [str(p) for p in targets.values() if p.exists()]
     if existing and not args.force:

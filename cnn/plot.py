@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cnn.rundir import METRICS, PREDICTIONS, RunDir
+from cnn.rundir import METRICS, PLOTS, PREDICTIONS, RunDir
 
 GRID = (4, 8)  # rows x columns of test images in predictions.png
 
@@ -19,7 +19,7 @@ GRID = (4, 8)  # rows x columns of test images in predictions.png
 def curves(run: RunDir, plt) -> list[Path]:
     train, evals = run.read_metrics("train"), run.read_metrics("eval", "epoch")
     written = []
-    for metric, name in (("loss", "loss.png"), ("accuracy", "accuracy.png")):
+    for metric in ("loss", "accuracy"):
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot([r["step"] for r in train], [r[f"train_{metric}"] for r in train], label=f"train {metric}")
         ax.plot([r["step"] for r in evals], [r[f"test_{metric}"] for r in evals], "o-", label=f"test {metric}")
@@ -30,9 +30,9 @@ def curves(run: RunDir, plt) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
-        fig.savefig(run.file(name), dpi=100)
+        fig.savefig(run.file(PLOTS[metric]), dpi=100)
         plt.close(fig)
-        written.append(run.file(name))
+        written.append(run.file(PLOTS[metric]))
     return written
 
 
@@ -50,7 +50,7 @@ def prediction_grid(run: RunDir, plt) -> Path:
         ax.axis("off")
     fig.suptitle("predicted / true")
     fig.tight_layout()
-    out = run.file("predictions.png")
+    out = run.file(PLOTS["predictions"])
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

@@ -11,7 +11,8 @@
 # (ProcessGroupNCCL.hpp); dist.timeout_s bounds how long a dead peer is waited for.
 export PYTHONUNBUFFERED=1
 
-# A rendezvous port derived from the job id: concurrent jobs sharing a node don't collide.
+# A rendezvous port derived from the job id: concurrent jobs sharing a node don't collide
+# (cnn.distributed.slurm_port() is the same formula for srun_direct.sbatch).
 job_port() { echo $(( 20000 + SLURM_JOB_ID % 20000 )); }
 
 # The id that addresses this job, or only this task of a job array. For an array task,
