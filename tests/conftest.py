@@ -14,6 +14,7 @@ from filelock import FileLock
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from cnn.rundir import RunDir  # noqa: E402
 from data import mnist  # noqa: E402
 
 # CI prepares MNIST once into the repository's datasets/ (python -m data.prepare);
@@ -107,7 +108,7 @@ def trained_run(mnist_root, tmp_path_factory) -> Path:
     base = shared / "trained"
     run_dir = base / "run"
     with FileLock(shared / "trained.lock"):
-        if not (run_dir / "summary.json").exists():
+        if not RunDir(run_dir).has_summary():
             proc = run([sys.executable, "train_ddp.py", *smoke_args(
                 mnist_root, run_dir, "data.test_subset=0", "data.train_subset=2560", "train.batch_size=64",
                 "train.epochs=1", "train.max_steps=40", "wandb.mode=offline", "wandb.log_model=true")],

@@ -35,6 +35,7 @@ import torch
 import train_ddp
 from cnn import checkpoint
 from cnn.model import CNN
+from cnn.rundir import RunDir
 from conftest import REPO, child_env, ranks
 from data import mnist
 
@@ -240,7 +241,7 @@ def test_bad_input(case, inputs, mnist_root, tmp_path, monkeypatch, capfd, signa
     assert code == case.code, f"{case.id}: exit {code}, expected {case.code}\n{stderr[-3000:]}"
     _one_error_line(stderr, expect, case)
     # nothing half-written: no summary, no checkpoint in the run folder
-    assert not (run_dir / "summary.json").exists() and not list(run_dir.glob("checkpoints/*.pt"))
+    assert not RunDir(run_dir).has_summary() and not list(run_dir.glob("checkpoints/*.pt"))
 
 
 def test_the_table_covers_every_surface():

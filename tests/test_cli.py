@@ -16,7 +16,7 @@ from PIL import Image
 from cnn import checkpoint, cli
 from cnn.evaluate import EVAL_KEYS, confusion_matrix
 from cnn.model import CNN
-from cnn.rundir import read_summary
+from cnn.rundir import RunDir, read_summary
 from conftest import REPO, run, torchrun
 from data import mnist
 from data.sharding import model_input
@@ -87,7 +87,7 @@ def test_evaluate_reproduces_the_runs_test_accuracy(trained_run, capsys):
     assert report["loss"] == pytest.approx(summary["test_loss"], rel=1e-9)
     assert report["checkpoint"] == str(_final(trained_run)) and report["step"] == summary["steps"] == 40
     _, labels = _test_set(_data_root(trained_run))
-    preds = torch.load(trained_run / "predictions.pt", weights_only=True)
+    preds = RunDir(trained_run).read_predictions()
     assert report["confusion_matrix"] == confusion_matrix(labels, preds).tolist()
     conf = np.array(report["confusion_matrix"])
     assert np.allclose(report["per_class_accuracy"], conf.diagonal() / conf.sum(1))
@@ -111,7 +111,7 @@ def test_evaluate_under_torchrun_counts_each_image_once(trained_run, tmp_path):
     assert report["world_size"] == 2 and report["count"] == 10000
     assert report["accuracy"] == read_summary(trained_run)["test_accuracy"]
     _, labels = _test_set(_data_root(trained_run))
-    preds = torch.load(trained_run / "predictions.pt", weights_only=True)
+    preds = RunDir(trained_run).read_predictions()
     assert report["confusion_matrix"] == confusion_matrix(labels, preds).tolist()
     assert proc.stdout.count("confusion matrix") == 1  # rank 0 prints, rank 1 does not
 
@@ -184,7 +184,7 @@ def test_predict_on_test_set_files_equals_the_evaluate_path(trained_run, tmp_pat
     (predictions.pt), and the top-k lists are sorted probabilities."""
     n = 100
     images, _ = _test_set(_data_root(trained_run), n)
-    expected = torch.load(trained_run / "predictions.pt", weights_only=True)[:n].tolist()
+    expected = RunDir(trained_run).read_predictions()[:n].tolist()
     pngs = tmp_path / "pngs"
     pngs.mkdir()
     for i in range(n):
@@ -236,7 +236,7 @@ def test_predict_centres_any_image_like_mnist(trained_run, tmp_path, capsys):
         ys, xs = np.indices(small.shape)
         assert abs((ys * small).sum() / small.sum() - 14) <= 0.5 and abs((xs * small).sum() / small.sum() - 14) <= 0.5
     code, recs, _ = _predict(capsys, trained_run, folder, "--top-k", 1)
-    expected = torch.load(trained_run / "predictions.pt", weights_only=True)[:n].tolist()
+    expected = RunDir(trained_run).read_predictions()[:n].tolist()
     agree = sum(r["classes"][0] == e for r, e in zip(recs, expected))
     assert code == 0 and agree >= 0.9 * n, agree
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cnn.rundir import read_metrics, read_summary
+from cnn.rundir import RunDir, read_metrics, read_summary
 from conftest import REPO
 
 pytestmark = pytest.mark.slurm
@@ -140,7 +140,7 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_pa
     assert s["steps"] == 60 and s["eval_count"] == 1000  # as an uninterrupted job
     assert s["test_accuracy"] > 0.9  # it learned (chance is 10%)
     run_dir = tmp_path / "runs" / job
-    run_id = (run_dir / "wandb_run_id.txt").read_text().strip()
+    run_id = RunDir(run_dir).read_wandb_id()
     attempts = list(run_dir.glob("wandb/offline-run-*"))
     assert len(attempts) == 2 and all(a.name.endswith(run_id) for a in attempts), "one W&B run across the requeue"
     steps = [r["step"] for r in read_metrics(metrics, "train")]

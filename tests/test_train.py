@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from cnn.rundir import read_metrics, read_summary as _summary
+from cnn.rundir import RunDir, read_metrics, read_summary as _summary
 from conftest import REPO, assert_ranks_ok, child_env, free_port, ranks, run, smoke_args, torchrun
 
 
@@ -63,7 +63,7 @@ def test_non_finite_loss_stops_with_a_clear_error(mnist_root, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite training loss")
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
-    assert not (tmp_path / "summary.json").exists()
+    assert not RunDir(tmp_path).has_summary()
 
 
 @pytest.mark.slow

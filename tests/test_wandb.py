@@ -40,7 +40,7 @@ def test_final_weights_are_a_model_artifact_in_the_offline_run(trained_run):
     (run_file,) = _run_files(trained_run)
     recs = wr.records(run_file)
     (art,) = _artifacts(recs, "model")
-    run_id = (trained_run / "wandb_run_id.txt").read_text().strip()
+    run_id = RunDir(trained_run).read_wandb_id()
     assert art.name == f"model-{run_id}" and set(art.aliases) == {"latest", "best"}
     weights = trained_run / "model.safetensors"
     (entry,) = art.manifest.contents
@@ -66,7 +66,7 @@ def test_offline_run_and_its_restart_are_one_run(mnist_root, tmp_path):
     second = run(torchrun(2, *args))
     assert second.returncode == 0, second.stderr[-3000:]
     files = _run_files(tmp_path)
-    run_id = (tmp_path / "wandb_run_id.txt").read_text().strip()
+    run_id = RunDir(tmp_path).read_wandb_id()
     assert len(files) == 2 and all(run_id in f.name for f in files), files
     steps = [h["_step"] for f in files for h in wr.history(wr.records(f))]
     assert steps == sorted(set(steps)), f"steps repeated or going backwards: {steps}"
