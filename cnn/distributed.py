@@ -32,6 +32,7 @@ class Dist:
     world_size: int
     local_world_size: int
     node_rank: int
+    num_nodes: int
     device: torch.device
     backend: str
     launcher: str  # "torchrun" | "slurm" | "single"
@@ -42,10 +43,6 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def num_nodes(self) -> int:
-        return max(1, self.world_size // max(1, self.local_world_size))
 
 
 def _env_int(name: str, default: int | None = None) -> int:
@@ -88,7 +85,21 @@ class Launch(NamedTuple):
     rank: int
     local_rank: int
     world_size: int
-    local_world_size: int
+    local_world_size: int  # ranks on this node
+    node_rank: int = 0
+    num_nodes: int = 1
+
+
+def tasks_per_node(value: str) -> list[int]:
+    """SLURM's per-node task counts, as SLURM_STEP_TASKS_PER_NODE writes them ('2(x3),1' is
+    [2, 2, 2, 1]); [] if `value` is not in that form."""
+    counts: list[int] = []
+    for part in value.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return []
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts
 
 
 def launch_env() -> Launch:
@@ -97,7 +108,9 @@ def launch_env() -> Launch:
 
     SLURM counts only for a task of a job *step* (``srun``: SLURM_STEP_NUM_TASKS and
     SLURM_PROCID); a plain ``python train_ddp.py`` in an ``salloc`` of 3 tasks
-    (SLURM_NTASKS=3, no step) is world size 1.
+    (SLURM_NTASKS=3, no step) is world size 1.  Node rank and count come from the launcher
+    (torchrun's GROUP_RANK / GROUP_WORLD_SIZE; SLURM_NODEID / SLURM_STEP_NUM_NODES), so that an
+    uneven SLURM layout (3 tasks on 2 nodes: SLURM_STEP_TASKS_PER_NODE=2,1) is counted as it is.
     """
     has_rank, has_size = "RANK" in os.environ, "WORLD_SIZE" in os.environ
     if has_rank != has_size:  # half a launch: never guess a world size
@@ -116,14 +129,20 @@ def launch_env() -> Launch:
         port = _env_int("MASTER_PORT")
         if not 0 < port < 65536:
             raise ValueError(f"MASTER_PORT={port} is not a TCP port (1..65535)")
-        return Launch("torchrun", rank, local_rank, ws, lws)
+        nodes = _env_int("GROUP_WORLD_SIZE", max(1, ws // lws))  # hand-made launches: even nodes
+        return Launch("torchrun", rank, local_rank, ws, lws, _env_int("GROUP_RANK", rank // lws), nodes)
     if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:  # srun, one task per GPU
         ws, rank = _env_int("SLURM_STEP_NUM_TASKS"), _env_int("SLURM_PROCID")
         nodes = _env_int("SLURM_STEP_NUM_NODES", 1)
         _check_rank("SLURM_PROCID", rank, "SLURM_STEP_NUM_TASKS", ws)
         if nodes < 1:
             raise ValueError(f"SLURM_STEP_NUM_NODES={nodes} must be >= 1")
-        return Launch("slurm", rank, _env_int("SLURM_LOCALID", 0), ws, max(1, ws // nodes))
+        local_rank, node = _env_int("SLURM_LOCALID", 0), _env_int("SLURM_NODEID", 0)
+        per_node = tasks_per_node(os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""))
+        if len(per_node) == nodes and 0 <= node < nodes:
+            return Launch("slurm", rank, local_rank, ws, per_node[node], node, nodes)
+        lws = max(1, ws // nodes)  # no usable layout: an even one, tasks placed in blocks
+        return Launch("slurm", rank, local_rank, ws, lws, rank // lws, nodes)
     return Launch("single", 0, 0, 1, 1)
 
 
@@ -205,7 +224,7 @@ def setup(device: str = "auto", init_timeout_s: float = 600.0) -> Dist:
     TearDown, first calls ncclCommAbort, which ProcessGroupNCCL.hpp (2.11) itself says can hang:
     SkipCleanUp is documented as the mode for that case.
     """
-    launcher, rank, local_rank, world_size, local_world_size = launch_env()
+    launcher, rank, local_rank, world_size, local_world_size, node_rank, num_nodes = launch_env()
     dev = pick_device(device, local_rank, local_world_size, launcher)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before init_process_group: NCCL binds to it
@@ -221,8 +240,8 @@ def setup(device: str = "auto", init_timeout_s: float = 600.0) -> Dist:
                                 timeout=timeout)
     # Created once here (new_group is collective: every rank calls setup() in the same order).
     cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    node_rank = rank // max(1, local_world_size)
-    return Dist(rank, local_rank, world_size, local_world_size, node_rank, dev, backend, launcher, cpu_group)
+    return Dist(rank, local_rank, world_size, local_world_size, node_rank, num_nodes, dev, backend, launcher,
+                cpu_group)
 
 
 def set_timeout(timeout_s: float, group: dist.ProcessGroup | None = None) -> None:

@@ -163,3 +163,45 @@ def test_side_group_failure_names_gloo_socket_ifname(monkeypatch):
     msg = str(err.value)
     assert "\n" not in msg and "GLOO_SOCKET_IFNAME" in msg and "Connection refused" in msg
     assert "dist.data_timeout_s (1800 s)" in msg
+
+
+# (case, environment, Launch(launcher, rank, local_rank, world_size, local_world_size, node_rank, num_nodes))
+TORCHRUN = {"MASTER_ADDR": "node0", "MASTER_PORT": "29500"}
+SRUN_3_ON_2 = {"SLURM_STEP_NUM_TASKS": "3", "SLURM_STEP_NUM_NODES": "2", "SLURM_STEP_TASKS_PER_NODE": "2,1"}
+LAYOUTS = [
+    # srun -n3 -N2: block distribution, 2 tasks on node 0 and 1 on node 1 (3 // 2 would say 1 per node)
+    ("srun 3 tasks on 2 nodes, node 0", {**SRUN_3_ON_2, "SLURM_PROCID": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0"},
+     ("slurm", 1, 1, 3, 2, 0, 2)),
+    ("srun 3 tasks on 2 nodes, node 1", {**SRUN_3_ON_2, "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1"},
+     ("slurm", 2, 0, 3, 1, 1, 2)),
+    # srun -m cyclic: rank 1 on node 1 (rank // tasks-per-node would say node 0)
+    ("srun cyclic, SLURM's compressed counts", {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2",
+     "SLURM_STEP_TASKS_PER_NODE": "2(x2)", "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "1"},
+     ("slurm", 1, 0, 4, 2, 1, 2)),
+    ("srun without a layout variable", {"SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_NUM_NODES": "2", "SLURM_PROCID": "3"},
+     ("slurm", 3, 0, 4, 2, 1, 2)),
+    ("torchrun, 2 nodes of 2", {**TORCHRUN, "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+     "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2"}, ("torchrun", 3, 1, 4, 2, 1, 2)),
+    # two agents with different --nproc_per_node: 3 ranks on node 0, 1 on node 1
+    ("torchrun, 3 + 1 ranks", {**TORCHRUN, "RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+     "GROUP_RANK": "1", "GROUP_WORLD_SIZE": "2"}, ("torchrun", 3, 0, 4, 1, 1, 2)),
+    ("hand-made RANK/WORLD_SIZE", {**TORCHRUN, "RANK": "1", "WORLD_SIZE": "2"}, ("torchrun", 1, 0, 2, 2, 0, 1)),
+    ("plain python", {}, ("single", 0, 0, 1, 1, 0, 1)),
+]
+
+
+@pytest.mark.parametrize("case, env, want", LAYOUTS, ids=[c[0] for c in LAYOUTS])
+def test_launch_env_reads_node_rank_and_count_from_the_launcher(case, env, want, monkeypatch):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "GROUP_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                                                             "MASTER_ADDR", "MASTER_PORT"):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert tuple(distributed.launch_env()) == want
+
+
+def test_tasks_per_node_reads_slurms_compressed_form():
+    assert distributed.tasks_per_node("2(x3),1") == [2, 2, 2, 1]
+    assert distributed.tasks_per_node("4") == [4]
+    assert distributed.tasks_per_node("") == [] and distributed.tasks_per_node("2(x") == []
