@@ -20,9 +20,9 @@ Ctrl-C exits 130 at once.
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import signal
-import sys
 
 import torch
 import torch.distributed as dist
@@ -244,4 +244,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    faulthandler.enable()  # a native crash (SIGSEGV, SIGABRT) prints every thread's Python stack
+    distributed.exit_process(main())

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 # name -> (module:function, one line for `mnist-ddp --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -51,5 +51,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return getattr(importlib.import_module(module), func)(rest)
 
 
+def run() -> NoReturn:
+    """The `mnist-ddp` console script: a command that ran a process group (train, evaluate) ends
+    through cnn.distributed.exit_process, the others as usual (without importing torch)."""
+    code = main()
+    if "cnn.distributed" in sys.modules:
+        from cnn.distributed import exit_process
+
+        exit_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

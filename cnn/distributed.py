@@ -10,16 +10,18 @@ on an in-memory store, so DDP and the collectives run unchanged.
 
 from __future__ import annotations
 
+import atexit
 import gc
 import os
 import re
 import signal
 import subprocess
+import sys
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -302,6 +304,24 @@ def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         gc.collect()
         dist.destroy_process_group()
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a process whose work is done (outputs written and closed, cleanup() called) as exit
+    would, but without the interpreter's finalization and C++ static destructors.
+
+    The atexit handlers run first (W&B's teardown, logging's flush: all of Python's exit), then
+    os._exit. Finalization is where gloo's threads have aborted finished ranks
+    ("terminate called without an active exception", SIGABRT; pytorch/pytorch#179291 describes
+    that teardown): three times in this project's CI, each on a non-main rank that had finished
+    while rank 0 was still writing its outputs, which torchrun and SLURM then report as a
+    failed job. Not reproduced in 40 local two-rank runs, so this removes the stage rather than
+    a proven cause; faulthandler (train_ddp.main) prints the Python stacks should it recur.
+    """
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def once_per_node(fn: Callable[[], None], local_rank: int, timeout_s: float) -> str | None:

@@ -1,6 +1,7 @@
 """Distributed decisions as pure functions, driven with the real cases (no GPU, no process group needed)."""
 
 import os
+import sys
 import subprocess
 from datetime import timedelta
 
@@ -205,3 +206,22 @@ def test_tasks_per_node_reads_slurms_compressed_form():
     assert distributed.tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     assert distributed.tasks_per_node("4") == [4]
     assert distributed.tasks_per_node("") == [] and distributed.tasks_per_node("2(x") == []
+
+
+def test_exit_process_runs_atexit_handlers_then_skips_finalization():
+    """exit_process: the exit code given, the atexit handlers run (W&B's teardown is one), and
+    no finalization (a module global's __del__, run there, is never called)."""
+    script = ("import atexit\n"
+              "from cnn.distributed import exit_process\n"
+              "class Finalized:\n"
+              "    def __del__(self): print('finalized', flush=True)\n"
+              "keep = Finalized()\n"
+              "atexit.register(lambda: print('atexit ran'))\n"
+              "print('buffered', end='')\n"
+              "exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout == "bufferedatexit ran\n"  # flushed; and no "finalized"
+    normal = subprocess.run([sys.executable, "-c", script.replace("exit_process(3)", "raise SystemExit(3)")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert normal.returncode == 3 and "finalized" in normal.stdout  # what a normal exit would have run
