@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
 import sys
 import warnings
 
@@ -54,7 +55,9 @@ def _one_error_line(err: str, *must: str) -> str:
 
 
 def test_one_command_each_subcommand_has_help(capsys):
-    assert 'mnist-ddp = "cnn.cli:main"' in (REPO / "pyproject.toml").read_text()  # the console script
+    assert 'mnist-ddp = "cnn.cli:run"' in (REPO / "pyproject.toml").read_text()  # the console script
+    proc = subprocess.run([sys.executable, "-m", "cnn.cli", "nonsense"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "unknown command 'nonsense'" in proc.stderr  # run(): main's code, as exit
     assert cli.main(["--help"]) == 0
     listing = capsys.readouterr().out
     assert all(f"  {name}" in listing for name in ("train", "evaluate", "predict", "export", "prepare", "plot", "compare"))
