@@ -48,10 +48,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# What cnn.distributed.launch_env and cnn.rundir.job_id read: none of it leaks from the
+# environment pytest runs in into a test's own launch.
+LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
+                 "GROUP_WORLD_SIZE")
+LAUNCHER_PREFIXES = ("SLURM_", "TORCHELASTIC_")
+
+
+def is_launcher_var(name: str) -> bool:
+    return name in LAUNCHER_VARS or name.startswith(LAUNCHER_PREFIXES)
+
+
+def clear_launcher_env(monkeypatch) -> None:
+    """This process as a plain `python` run: a test then sets the launcher it emulates."""
+    for name in [n for n in os.environ if is_launcher_var(n)]:
+        monkeypatch.delenv(name)
+
+
 def child_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_", "WANDB_"))}
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
+    env = {k: v for k, v in os.environ.items() if not (is_launcher_var(k) or k.startswith("WANDB_"))}
     env.update({"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_SILENT": "true"}, **extra)
     return env
 

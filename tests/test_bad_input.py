@@ -36,15 +36,12 @@ import train_ddp
 from cnn import checkpoint
 from cnn.model import CNN
 from cnn.rundir import RunDir
-from conftest import REPO, child_env, ranks
+from conftest import REPO, child_env, clear_launcher_env, ranks
 from data import mnist
 
 # Appended to every trainer row: if a row's input were (wrongly) accepted, the run stays tiny.
 SMALL = ("train.max_steps=2", "data.train_subset=256", "data.test_subset=100", "train.roofline=false",
          "wandb.mode=disabled")
-SCRUB = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-         "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NUM_NODES", "SLURM_LOCALID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID",
-         "SLURM_JOB_ID", "WANDB_MODE")
 
 
 @dataclass
@@ -219,8 +216,8 @@ def test_bad_input(case, inputs, mnist_root, tmp_path, monkeypatch, capfd, signa
     args, expect, run_dir = [fill(a) for a in case.args], fill(case.message), tmp_path / "run"
     base = [f"data.root={mnist_root}", f"run.dir={run_dir}", *SMALL]
     if case.how == "main":
-        for k in SCRUB:
-            monkeypatch.delenv(k, raising=False)
+        clear_launcher_env(monkeypatch)
+        monkeypatch.delenv("WANDB_MODE", raising=False)
         for k, v in case.env.items():
             monkeypatch.setenv(k, v)
         lead = args[:2] if args[:1] == ["--config"] else []  # --config FILE first, the row's overrides last (they win)

@@ -4,7 +4,7 @@ import sys
 import pytest
 
 from cnn.config import Config, ConfigError, build, parse_args, to_dict, validate
-from conftest import REPO, child_env
+from conftest import REPO, child_env, clear_launcher_env
 
 
 def test_schema_defaults():
@@ -93,10 +93,6 @@ def test_global_batch_must_divide_by_world_size():
         validate(cfg, world_size=3)
 
 
-LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS",
-                 "SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_NODES")
-
-
 @pytest.mark.parametrize("env, world_size", [
     # plain `python train_ddp.py` inside an salloc of 3 tasks: no job step, so one process
     ({"SLURM_NTASKS": "3", "SLURM_JOB_ID": "7"}, 1),
@@ -108,8 +104,7 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_
 def test_world_size_comes_from_the_launcher_detection(monkeypatch, env, world_size):
     """Validation and setup() read the world size from one place, distributed.launch_env."""
     from cnn.distributed import launch_env
-    for name in LAUNCHER_VARS:
-        monkeypatch.delenv(name, raising=False)
+    clear_launcher_env(monkeypatch)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert launch_env().world_size == world_size

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cnn import distributed
-from conftest import REPO
+from conftest import REPO, clear_launcher_env
 
 # (case, launcher, local_world_size, CUDA_VISIBLE_DEVICES as each rank sees it, GPU per local rank or None = error)
 GPU_CASES = [
@@ -193,10 +193,7 @@ LAYOUTS = [
 
 @pytest.mark.parametrize("case, env, want", LAYOUTS, ids=[c[0] for c in LAYOUTS])
 def test_launch_env_reads_node_rank_and_count_from_the_launcher(case, env, want, monkeypatch):
-    for name in list(os.environ):
-        if name.startswith(("SLURM_", "GROUP_")) or name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                                                             "MASTER_ADDR", "MASTER_PORT"):
-            monkeypatch.delenv(name)
+    clear_launcher_env(monkeypatch)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert tuple(distributed.launch_env()) == want
