@@ -60,7 +60,9 @@ def test_run_name_says_what_differs():
 
 
 def test_wandb_run_is_named_grouped_namespaced_with_system_metrics(observed):
-    assert wr.run_info(observed.recs) == {"name": "ws2-fp32-b64-lr4e-3-s0", "group": "obs-test", "job_type": "train"}
+    prec = rundir.read_summary(observed.dir)["precision"]  # what precision=auto chose on this machine
+    assert prec in ("fp32", "bf16")
+    assert wr.run_info(observed.recs) == {"name": f"ws2-{prec}-b64-lr4e-3-s0", "group": "obs-test", "job_type": "train"}
     hist = wr.history(observed.recs)
     keys = {k for h in hist for k in h}
     assert {"train/loss", "train/accuracy", "train/lr", "test/accuracy", "test/loss", "perf/images_per_sec",
@@ -198,7 +200,9 @@ def test_compare_one_and_two_ranks(mnist_root, tmp_path, observed):
     assert "`train.max_steps`" not in md  # the same in both
     rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith(("| one", "| observed"))}
     assert set(rows) == {"one", observed.dir.name}
-    assert "| 1 | fp32 | 20 |" in rows["one"] and "| 2 | fp32 | 20 |" in rows[observed.dir.name]
+    precs = {name: rundir.read_summary(d)["precision"] for name, d in (("one", one), (observed.dir.name, observed.dir))}
+    assert f"| 1 | {precs['one']} | 20 |" in rows["one"]  # each run's own precision (precision=auto's choice)
+    assert f"| 2 | {precs[observed.dir.name]} | 20 |" in rows[observed.dir.name]
     for name in ("accuracy.png", "loss.png", "throughput.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
