@@ -78,10 +78,10 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     if cfg.train.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     opt = build_optimizer(raw, cfg.optim)
-    prec = precision.choose(cfg.precision, d.device, raw, train_set.images[:per_rank], train_set.labels[:per_rank],
-                            cfg.train.precision_probe)
     config_dict = config.to_dict(cfg)
     state = checkpoint.resume(cfg.checkpoint.resume, config_dict, run.path, d.is_main, out.warn)
+    prec = precision.choose(cfg.precision, d.device, raw, train_set.images[:per_rank], train_set.labels[:per_rank],
+                            cfg.train.precision_probe, resumed=checkpoint.recorded_precision(state))  # auto: the run's
     progress, start_step = Progress.from_checkpoint(state), 0
     if state is not None:
         for note in checkpoint.restore(state, raw, opt, prec.scaler):
@@ -107,7 +107,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     ranks = perf.make_rank_stats(cfg.train.rank_stats, raw, d.device, d.world_size, out.warn,
                                  cfg.train.debug_delay_ms if d.rank == cfg.train.debug_delay_rank else 0.0)
     saver = checkpoint.make_saver(d.is_main, run.path, cfg.checkpoint.keep, raw, opt, prec.scaler, config_dict,
-                                  d.world_size, spe)
+                                  d.world_size, spe, precision.record(cfg.precision, prec))
     exit_code = 1
     try:
         tracker.truncate_after(start_step)  # records of an attempt that died after its last checkpoint (or before the first)

@@ -12,7 +12,9 @@ do not share a filesystem resume too; ``restore()`` loads it into the live objec
 adapting to a changed precision or memory format.  Dropout masks are seeded from (seed, step,
 rank) at every step (``data.sharding.step_seed``) and the data order is a pure
 function of (seed, epoch), so a checkpoint needs no RNG state to continue
-identically.
+identically.  A checkpoint records the precision its run computed in (``precision``:
+requested, resolved, reason; ``run_precision`` reads it, also from checkpoints saved before it
+was recorded).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from cnn import distributed
 from cnn.files import write_atomic
 from cnn.model import CNN
-from cnn.rundir import CONFIG, RunDir
+from cnn.rundir import CONFIG, RunDir, of_checkpoint
 
 FORMAT_VERSION = 1
 PATTERN = re.compile(r"^step-(\d{8})\.pt$")
@@ -183,6 +185,37 @@ def check_folder(run_dir: Path, config: dict[str, Any]) -> None:
     check_config(saved if isinstance(saved, dict) else {}, config, f"run.dir '{run_dir}' holds another run ({CONFIG})")
 
 
+def recorded_precision(state: dict[str, Any] | None) -> str | None:
+    """The precision a checkpoint's run computed in (fp32 | bf16 | fp16), if the checkpoint records it."""
+    rec = (state or {}).get("precision")
+    resolved = rec.get("resolved") if isinstance(rec, dict) else None
+    return resolved if resolved in ("fp32", "bf16", "fp16") else None
+
+
+def run_precision(state: dict[str, Any], path: Path) -> tuple[str, str]:
+    """(precision, how it is known) of the run that wrote `state`, read from `path`.
+
+    Checkpoints record it.  One saved before they did: an explicit precision in its config is
+    the one; under precision=auto, the run's metrics.jsonl `start` record of the attempt that
+    wrote it says what auto chose; without that either, fp32 (and the note says to pass
+    precision= when the run computed in another)."""
+    if (name := recorded_precision(state)) is not None:
+        return name, "recorded in the checkpoint"
+    asked = (state.get("config") or {}).get("precision", "auto")
+    if asked in ("fp32", "bf16", "fp16"):
+        return asked, "the run's precision setting; this checkpoint predates the recorded precision"
+    run = of_checkpoint(path)
+    try:
+        starts = [r for r in run.read_metrics("start") if r.get("step", 0) <= state["step"]]
+    except (OSError, ValueError):
+        starts = []
+    if starts and starts[-1].get("precision") in ("fp32", "bf16", "fp16"):
+        return starts[-1]["precision"], f"what precision=auto chose, from {run.path / 'metrics.jsonl'}; this checkpoint " \
+                                        "predates the recorded precision"
+    return "fp32", ("unknown: a precision=auto checkpoint that predates the recorded precision, without its run's "
+                    "metrics.jsonl; pass precision=bf16 (or fp16) if the run computed in it")
+
+
 def fits_model(state_dict: dict) -> None:
     """Raise if the weights are not the seed CNN's (for load()'s check_model)."""
     CNN().load_state_dict(state_dict)
@@ -256,17 +289,20 @@ class Saver(NullSaver):
     """Global rank 0's checkpoint writer, bound to the live training objects."""
 
     def __init__(self, run_dir: Path, keep: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, config: dict[str, Any], world_size: int, steps_per_epoch: int) -> None:
-        self.run_dir, self.keep = run_dir, keep
+                 scaler: torch.amp.GradScaler, config: dict[str, Any], world_size: int, steps_per_epoch: int,
+                 precision: dict[str, str]) -> None:
+        self.run_dir, self.keep, self.precision = run_dir, keep, precision
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.config, self.world_size, self.spe = config, world_size, steps_per_epoch
 
     def save(self, step: int, extra: dict[str, Any]) -> Path:
-        """The raw model's state_dict (loads without DDP or compile), optimizer, scaler, position, config."""
+        """The raw model's state_dict (loads without DDP or compile), optimizer, scaler, position, config,
+        and the precision the run computes in (cnn.precision.record)."""
         return save({
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "step": step, "epoch": step // self.spe,
-            "step_in_epoch": step % self.spe, "config": self.config, "world_size": self.world_size, **extra,
+            "step_in_epoch": step % self.spe, "config": self.config, "world_size": self.world_size,
+            "precision": self.precision, **extra,
         }, self.run_dir, self.keep)
 
 

@@ -24,6 +24,11 @@ def say(msg: str) -> None:
     _emit(msg, sys.stdout)
 
 
+def note(msg: str) -> None:
+    """Information on stderr, for a command whose stdout is its data (predict's JSON or CSV)."""
+    _emit(msg, sys.stderr)
+
+
 def warn(msg: str) -> None:
     _emit(f"warning: {msg}", sys.stderr)
 

@@ -9,9 +9,11 @@ world size:
     mnist-ddp evaluate runs/<id>/checkpoints/step-00000468.pt data.root=/data precision=fp32
 
 The model settings come from the checkpoint (``cnn.inference.load_model``), and so do
-the settings that decide its numerics (precision, eval batch, memory format), so the
-final checkpoint's accuracy equals the run's summary.json ``test_accuracy`` when both
-count the whole split.  It prints accuracy, loss, per-class accuracy and the
+the settings that decide its numerics (eval batch, memory format, and the precision the
+run computed in: ``precision=auto``, the default, means the run's, not this machine's
+choice), so the final checkpoint's accuracy equals the run's summary.json
+``test_accuracy`` when both count the whole split.  The report names the precision used
+and why.  It prints accuracy, loss, per-class accuracy and the
 confusion matrix, and writes them to eval.json in the checkpoint's run folder (or
 --out).  Exit codes as the trainer's: 0 done, 1 error, 2 bad configuration.
 """
@@ -110,13 +112,15 @@ EVAL_KEYS = ("device", "precision", "data.root", "data.download", "data.test_sub
              "train.eval_batch_size", "train.channels_last", "train.threads", "dist.timeout_s", "dist.data_timeout_s")
 # What evaluate keeps of the run's config: the model, what decides the numerics of the run's own
 # evaluation (so the accuracies agree), and where the data was.  The subsets are not kept:
-# evaluate counts the whole split unless told otherwise.
-FROM_CHECKPOINT = ("model", "precision", "device", "data.root", "data.download", "train.eval_batch_size",
+# evaluate counts the whole split unless told otherwise.  Not the config's precision (`auto`
+# there is what was asked): the precision the run computed in, Trained.precision.
+FROM_CHECKPOINT = ("model", "device", "data.root", "data.download", "train.eval_batch_size",
                    "train.channels_last", "dist")
 
 
 def eval_config(saved: Config, overrides: Sequence[str]) -> Config:
-    """The checkpoint's FROM_CHECKPOINT settings <- overrides of EVAL_KEYS; raises ConfigError."""
+    """The checkpoint's FROM_CHECKPOINT settings <- overrides of EVAL_KEYS; raises ConfigError.
+    Its precision is `auto` unless overridden: the run's (``run_evaluation`` resolves it)."""
     full, base = config.to_dict(saved), {}
     for key in FROM_CHECKPOINT:
         *parents, leaf = key.split(".")
@@ -134,6 +138,7 @@ def report_text(r: dict[str, Any]) -> str:
     lines = [
         f"{r['checkpoint']} (step {r['step']}), {r['split']} split: {r['count']} images on {r['world_size']} "
         f"rank(s), {r['device']}, {r['precision']}, {r['seconds']:.1f} s",
+        f"precision {r['precision']}: {r['precision_reason']}",
         f"accuracy {r['accuracy']:.4f}   loss {r['loss']:.4f}",
         "class     " + "".join(f"{c:>7}" for c in classes),
         "accuracy  " + "".join(f"{a:>7.4f}" for a in r["per_class_accuracy"]),
@@ -161,7 +166,8 @@ def run_evaluation(trained: Trained, cfg: Config, d: distributed.Dist, split: st
     data = DeviceDataset.from_uint8(images, labels, d.device, cfg.train.channels_last)
     layout = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     model = trained.model.to(d.device, memory_format=layout)
-    prec = precision.build(cfg.precision, d.device)
+    name, why = precision.for_trained(cfg.precision, trained.precision, trained.precision_source)
+    prec = precision.build(name, d.device, why)
     start = time.perf_counter()
     result = evaluate(model, data, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast,
                       keep_predictions=True)
@@ -172,7 +178,7 @@ def run_evaluation(trained: Trained, cfg: Config, d: distributed.Dist, split: st
         "checkpoint": str(trained.path), "step": trained.step, "split": split, "count": result.count,
         "accuracy": result.accuracy, "loss": result.loss, "per_class_accuracy": per_class_accuracy(confusion),
         "confusion_matrix": confusion.tolist(), "world_size": d.world_size, "device": str(d.device),
-        "precision": prec.name, "seconds": time.perf_counter() - start,
+        "precision": prec.name, "precision_reason": prec.reason, "seconds": time.perf_counter() - start,
     }
 
 

@@ -16,7 +16,11 @@ consumer needs nothing else.
 
 Before anything is written, each export is loaded back (safetensors into a fresh CNN,
 ``torch.jit.load``, an onnxruntime session) and its logits on SAMPLE random images are
-compared with PyTorch's: the largest absolute difference must be at most TOLERANCE.
+compared with PyTorch's: the largest absolute difference must be at most TOLERANCE (the
+exports compute in fp32: the file holds the weights faithfully).  A run that computed in
+bf16 or fp16 is also compared with PyTorch in that precision (``--precision``, by default the
+run's: what its evaluation computed), within MIXED_TOLERANCE of the logits' scale, and the
+files' metadata name the precision the run trained in.
 Only then are the files written, each atomically; an existing file is refused unless
 ``--force``.
 
@@ -42,7 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from cnn import console, rundir
+from cnn import console, precision, rundir
 from cnn.checkpoint import CheckpointError
 from cnn.files import write_atomic
 from cnn.inference import Trained, load_model
@@ -53,6 +57,9 @@ FILES = {"safetensors": "model.safetensors", "torchscript": "model.torchscript.p
 INPUT, OUTPUT = "image", "logits"
 OPSET = 17  # ONNX opset: onnxruntime >= 1.13 and most other runtimes run it
 TOLERANCE = 1e-4  # max |logit difference| to PyTorch fp32 (measured: 0 safetensors/TorchScript, ~2e-6 ONNX)
+# max |logit difference| to PyTorch in bf16 | fp16, over max(1, max |logit|): the sample's rounding
+# (measured 5e-3 and 6e-4 on a 20-step checkpoint, AMD EPYC with avx512_bf16, torch 2.14), with 10x margin
+MIXED_TOLERANCE = {"bf16": 0.05, "fp16": 0.01}
 SAMPLE = 64  # random 28x28 images the check runs through both models
 TORCHSCRIPT_META = "mnist_ddp.json"  # TorchScript extra file holding the metadata
 
@@ -75,6 +82,7 @@ def metadata(trained: Trained) -> dict[str, str]:
         "source_checkpoint": str(trained.path),
         "step": str(trained.step),
         "model_config": json.dumps({"dropout": trained.config.model.dropout}),
+        "trained_precision": trained.precision,  # the exports compute in fp32 (input_dtype)
     }
 
 
@@ -156,19 +164,27 @@ def sample_inputs(n: int = SAMPLE) -> torch.Tensor:
     return normalize(torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8))
 
 
-def build(trained: Trained, formats: Sequence[str]) -> dict[str, tuple[bytes, float]]:
-    """{format: (file content, max |logit difference| to PyTorch)}; ValueError if one is off."""
+def build(trained: Trained, formats: Sequence[str], prec: str = "fp32") -> dict[str, tuple[bytes, float, float]]:
+    """{format: (file content, max |logit difference| to PyTorch fp32, and to PyTorch in `prec`)};
+    ValueError if one is off (fp32: TOLERANCE; bf16 | fp16: MIXED_TOLERANCE x the logits' scale)."""
     model, meta, x = plain(trained.model.cpu()), metadata(trained), sample_inputs()
     with torch.inference_mode():
         expected = model(x)
+        with precision.autocast_for(prec, torch.device("cpu"))():
+            in_prec = model(x).float()
+    limit = MIXED_TOLERANCE.get(prec, 0.0) * max(1.0, expected.abs().max().item())
     out = {}
     for fmt in formats:
         write, run = FORMATS[fmt]
         blob = write(model, meta)
-        diff = (run(blob, x, trained.config.model.dropout) - expected).abs().max().item()
+        got = run(blob, x, trained.config.model.dropout)
+        diff, diff_prec = (got - expected).abs().max().item(), (got - in_prec).abs().max().item()
         if not diff <= TOLERANCE:
             raise ValueError(f"{fmt} export differs from PyTorch by {diff:.2e} > {TOLERANCE:.0e}; nothing written")
-        out[fmt] = (blob, diff)
+        if prec != "fp32" and not diff_prec <= limit:
+            raise ValueError(f"{fmt} export differs from PyTorch in {prec} by {diff_prec:.2e} > {limit:.1e}; "
+                             "nothing written")
+        out[fmt] = (blob, diff, diff_prec)
     return out
 
 
@@ -184,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help=f"comma-separated, of {', '.join(FILES)} (default: all)")
     parser.add_argument("--out", type=Path, help="folder for the files (default: export/ in the checkpoint's run folder)")
     parser.add_argument("--force", action="store_true", help="overwrite files that exist")
+    parser.add_argument("--precision", default="auto", choices=("auto", *precision.NAMES),
+                        help="the PyTorch precision the exports are also checked against; auto (default): the run's")
     args = parser.parse_args(argv)
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     unknown = [f for f in formats if f not in FILES]
@@ -201,10 +219,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.error(f"{existing[0]} exists; pass --force to overwrite it (nothing written)")
         return 1
     try:
-        built = build(trained, formats)
-        for fmt, (blob, diff) in built.items():
+        prec, why = precision.for_trained(args.precision, trained.precision, trained.precision_source)
+        console.say(f"checked against PyTorch in fp32{'' if prec == 'fp32' else f' and in {prec} ({why})'}")
+        built = build(trained, formats, prec)
+        for fmt, (blob, diff, diff_prec) in built.items():
             write_atomic(targets[fmt], blob)
-            console.say(f"{targets[fmt]}  {len(blob) / 2**20:.1f} MiB  max |logit - PyTorch's| {diff:.1e}")
+            also = "" if prec == "fp32" else f", PyTorch {prec}'s {diff_prec:.1e}"
+            console.say(f"{targets[fmt]}  {len(blob) / 2**20:.1f} MiB  max |logit - PyTorch fp32's| {diff:.1e}{also}")
     except (ValueError, OSError) as exc:
         console.error(exc)
         return 1

@@ -17,6 +17,11 @@ fp32 gets a null context and a disabled scaler, bf16 autocast and no scaling
 
 Every rank ends with the same choice (``choose`` compares the ranks' decisions and measures
 on all of them when they differ), and the reason is kept for the log and the job facts.
+
+The resolved precision is a fact of the run: checkpoints record it (``record``), and whatever
+runs a trained model again -- a resumed run, evaluate, predict, export's check, the W&B model
+artifact -- computes in it unless told otherwise (``for_trained``; ``choose(resumed=...)``):
+``auto`` there means "the run's", so a run's numbers are reproduced on any machine.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+NAMES = ("fp32", "bf16", "fp16")  # the resolved precisions (`auto` resolves to one of them)
 MEASURE = "measure"  # resolve()'s answer when only a measurement can tell
 PROBE_SECONDS = 1.0  # the start-up measurement's budget, warm-up steps included (one timed round at least)
 PROBE_IMAGES = 16  # images per measured step: the speed ratio, not the step time, decides (bf16 on AVX2: 0.26 s)
@@ -74,6 +80,14 @@ def _cpu_flag(name: str) -> bool | None:
         return None
 
 
+def native_bf16(capability: tuple[int, int]) -> bool:
+    """Whether a CUDA device of this compute capability computes bf16 natively: from 8.0 (A100,
+    sm_80) on; V100 (7.0) and T4 (7.5) only emulate it.  torch's own rule, as a pure function:
+    torch.cuda.is_bf16_supported(including_emulation=False) is `major >= 8` on CUDA (torch 2.11 and
+    2.14 torch/cuda/__init__.py; ROCm: always True)."""
+    return capability[0] >= 8
+
+
 def _cuda_bf16_native() -> bool:
     """torch.cuda.is_bf16_supported(including_emulation=False): True from compute capability 8.0 on.
     The default (including_emulation=True) also says True on V100/T4, where bf16 is only emulated
@@ -83,7 +97,7 @@ def _cuda_bf16_native() -> bool:
     try:
         return bool(torch.cuda.is_bf16_supported(including_emulation=False))
     except TypeError:  # torch < 2.4: ask for the compute capability ourselves
-        return torch.cuda.get_device_capability()[0] >= 8
+        return native_bf16(torch.cuda.get_device_capability())
 
 
 def detect() -> Caps:
@@ -127,6 +141,19 @@ def resolve(requested: str, device_type: str, caps: Caps, probe: bool = False) -
         return Choice(MEASURE, "AVX-512 CPU, and this torch cannot tell whether it has avx512_bf16", ("fp32", "bf16"))
     return Choice("fp32", f"CPU without native bf16 ({caps.cpu_capability or 'unknown'}; no avx512_bf16, no AMX): "
                           "bf16 autocast would be slower than fp32")
+
+
+def record(requested: str, prec: Precision) -> dict[str, str]:
+    """What a checkpoint keeps of its run's precision: what was asked, what it computed in, and why."""
+    return {"requested": requested, "resolved": prec.name, "reason": prec.reason}
+
+
+def for_trained(requested: str, run_precision: str, source: str) -> tuple[str, str]:
+    """(precision, why) to run a trained model in: an explicit fp32 | bf16 | fp16 wins; `auto` is
+    `run_precision`, the one the run computed in (`source` says how that is known)."""
+    if requested in NAMES:
+        return requested, "requested"
+    return run_precision, f"the run's ({source})"
 
 
 def autocast_for(name: str, device: torch.device) -> Callable[[], ContextManager]:
@@ -193,8 +220,12 @@ def pick(times: dict[str, float]) -> str:
 
 
 def choose(requested: str, device: torch.device, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-           probe: bool = False, caps: Caps | None = None) -> Precision:
+           probe: bool = False, caps: Caps | None = None, resumed: str | None = None) -> Precision:
     """Resolve `requested` on every rank to one precision (collective: all ranks must call it).
+
+    A resumed run (`resumed`: the precision its checkpoint computed in, the same on every rank:
+    rank 0 broadcast the checkpoint) keeps it under `auto`, wherever it resumes: the run goes on
+    with the numerics it had, and its resume is exact.  An explicit precision changes it.
 
     Each rank decides from its own capabilities; when every rank decided alike, that is the
     choice.  When any rank needs a measurement, or the ranks disagree (mixed hardware), every
@@ -202,6 +233,11 @@ def choose(requested: str, device: torch.device, model: torch.nn.Module, x: torc
     the job steps at its slowest rank's pace.
     """
     local = resolve(requested, device.type, caps or detect(), probe)
+    if requested == "auto" and resumed in NAMES:
+        here = "" if local.name == resumed else (
+            f"; alone, this machine would {'measure' if local.name == MEASURE else 'pick ' + local.name}: {local.reason}")
+        return build(resumed, device, f"the run's: resumed from a checkpoint that computed in {resumed} (precision=auto "
+                                      f"keeps a resumed run's precision; pass precision=fp32|bf16|fp16 to change it){here}")
     decisions: list = [None] * dist.get_world_size()
     dist.all_gather_object(decisions, (local.name, local.reason, local.candidates))
     names = {name for name, _, _ in decisions}

@@ -19,7 +19,9 @@ Each file is recognised by its content, not its name:
 - an IDX file (MNIST's own format, also gzipped): every image in it.
 - a folder: its files with the suffixes in FOLDER_SUFFIXES, in name order.
 
-All images go through the model together in batches (``--batch-size``).  Output, on
+All images go through the model together in batches (``--batch-size``), in the precision the
+run computed in (``--precision auto``, the default: its evaluation's numerics, so predict
+and evaluate agree image for image), or the one given.  Output, on
 stdout or to ``--out``: per image its file, index in the file, and the top-k classes
 with their probabilities, as JSON (a list of objects) or CSV.  A file that cannot
 be read is one line on stderr and the others are still predicted; the exit code is
@@ -41,7 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from cnn import console
+from cnn import console, precision
 from cnn.checkpoint import CheckpointError
 from cnn.files import write_atomic
 from cnn.inference import load_model, logits
@@ -196,8 +198,13 @@ def expand(paths: Sequence[Path]) -> tuple[list[Path], list[tuple[Path, str]]]:
 # ---------------------------------------------------------------- output
 
 
-def rows(names: list[tuple[str, int]], probs: torch.Tensor, k: int) -> list[dict[str, Any]]:
-    top_p, top_c = probs.topk(k, dim=1)
+def rows(names: list[tuple[str, int]], logits: torch.Tensor, k: int) -> list[dict[str, Any]]:
+    """Per image its top-k classes by logit and their probabilities.  Equal logits (bf16 rounds
+    them together) rank the lower class first, as the evaluation's argmax does: topk does not
+    promise an order among ties, a stable sort does."""
+    probs = torch.softmax(logits.float(), dim=1)
+    top_c = logits.sort(dim=1, descending=True, stable=True).indices[:, :k]
+    top_p = probs.gather(1, top_c)
     return [{"file": f, "index": i, "classes": c, "probabilities": [round(p, 6) for p in ps]}
             for (f, i), c, ps in zip(names, top_c.tolist(), top_p.tolist())]
 
@@ -229,12 +236,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--invert", action="store_true", help="dark ink on light paper: invert before centring")
     parser.add_argument("--batch-size", type=int, default=1000, help="images per forward pass (default 1000)")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--precision", default="auto", choices=("auto", *precision.NAMES),
+                        help="auto (default): the one the run computed in, recorded in its checkpoint")
     args = parser.parse_args(argv)
     fmt = args.format or ("csv" if args.out is not None and args.out.suffix.lower() == ".csv" else "json")
     if args.batch_size < 1:
         parser.error(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
-        model, cfg, _, _ = load_model(args.checkpoint, args.device)
+        trained = load_model(args.checkpoint, args.device)
     except (CheckpointError, RuntimeError) as exc:  # RuntimeError: an unusable --device
         console.error(exc)
         return 1
@@ -253,13 +262,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.error(f"{path}: {msg}")
     if not batches:
         return 1
-    probs = torch.softmax(logits(model, cfg, torch.cat(batches), args.batch_size), dim=1)
-    text = render(rows(names, probs, args.top_k), fmt, args.top_k)
+    name, why = precision.for_trained(args.precision, trained.precision, trained.precision_source)
+    prec = precision.build(name, next(trained.model.parameters()).device, why)
+    out = logits(trained.model, trained.config, torch.cat(batches), args.batch_size, prec.autocast)
+    text = render(rows(names, out, args.top_k), fmt, args.top_k)
+    done = f"{len(names)} image(s) from {len(batches)} file(s), precision {prec.name} ({prec.reason})"
     if args.out is not None:
         write_atomic(args.out, text)
-        console.say(f"{len(names)} image(s) from {len(batches)} file(s) -> {args.out}")
+        console.say(f"{done} -> {args.out}")
     else:
         sys.stdout.write(text)
+        console.note(done)  # stdout holds the predictions only
     return 1 if failed else 0
 
 

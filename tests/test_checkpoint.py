@@ -220,3 +220,35 @@ def test_progress_resumes_from_new_and_0_1_checkpoints():
         train_seconds=30.0, images=59904, best_accuracy=0.991, seconds_to_99=28.0, images_to_99=None,
         epoch_start_seconds=15.0, epoch_start_images=29952)
     assert Progress.from_checkpoint(None) == Progress()
+
+
+def test_a_checkpoint_records_its_runs_precision_and_older_ones_still_tell(tmp_path):
+    """The Saver records what was asked, what it resolved to and why; a checkpoint saved before
+    it did still says what precision=auto chose: from an explicit config, else from its run's
+    metrics.jsonl start record, else fp32 with the way to say otherwise."""
+    from cnn import precision
+    from cnn.rundir import RunDir, record
+
+    model = CNN()
+    opt, scaler = torch.optim.Adam(model.parameters()), torch.amp.GradScaler("cpu", enabled=False)
+    bf16 = precision.build("bf16", torch.device("cpu"), "CPU with native bf16 (amx)")
+    saver = checkpoint.Saver(tmp_path / "new", 2, model, opt, scaler, {"seed": 0, "precision": "auto"}, 1, 10,
+                             precision.record("auto", bf16))
+    path = saver.save(3, {})
+    state = checkpoint.load(path, _check)
+    assert state["precision"] == {"requested": "auto", "resolved": "bf16", "reason": "CPU with native bf16 (amx)"}
+    assert checkpoint.run_precision(state, path) == ("bf16", "recorded in the checkpoint")
+
+    old = {**_state(20), "config": {"seed": 0, "precision": "fp16"}}  # format 1, before the record
+    path = checkpoint.save(old, tmp_path / "explicit", keep=2)
+    assert checkpoint.run_precision(checkpoint.load(path), path)[0] == "fp16"
+
+    run = RunDir(tmp_path / "auto")
+    path = checkpoint.save({**old, "config": {"seed": 0, "precision": "auto"}}, run.path, keep=2)
+    name, why = checkpoint.run_precision(checkpoint.load(path), path)
+    assert name == "fp32" and "pass precision=bf16" in why  # nothing tells: the one every machine computes alike
+    log = run.metrics_log()
+    log.append(record("start", 0, 0, precision="bf16"))  # what auto chose in the attempt that saved step 20
+    log.append(record("start", 30, 0, precision="fp32"))  # a later attempt, after this checkpoint: not its
+    name, why = checkpoint.run_precision(checkpoint.load(path), path)
+    assert name == "bf16" and "metrics.jsonl" in why

@@ -193,7 +193,8 @@ def test_predict_on_test_set_files_equals_the_evaluate_path(trained_run, tmp_pat
     for i in range(n):
         Image.fromarray(images[i].numpy()).save(pngs / f"{i:03d}.png")
     code, recs, err = _predict(capsys, trained_run, pngs, "--top-k", 3)
-    assert code == 0 and not err
+    prec = read_summary(trained_run)["precision"]  # stdout holds the predictions; stderr one line naming the precision
+    assert code == 0 and err == f"100 image(s) from 100 file(s), precision {prec} (the run's (recorded in the checkpoint))\n"
     assert [r["classes"][0] for r in recs] == expected
     for r in recs:
         assert len(r["classes"]) == 3 and r["probabilities"] == sorted(r["probabilities"], reverse=True)

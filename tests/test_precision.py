@@ -5,15 +5,20 @@ import torch
 
 from cnn import precision
 from cnn.model import CNN
-from cnn.precision import MEASURE, Caps, resolve
+from cnn.precision import MEASURE, Caps, native_bf16, resolve
 
 AVX2 = Caps(cpu_capability="AVX2", cpu_avx512_bf16=False, cpu_amx=False)
 
 CASES = [
     # (case, requested, device type, caps, probe, precision chosen)
     ("explicit wins", "fp16", "cpu", AVX2, False, "fp16"),
-    ("H100/A100: native bf16", "auto", "cuda", Caps(cuda_available=True, cuda_bf16_native=True), False, "bf16"),
-    ("V100/T4: bf16 only emulated", "auto", "cuda", Caps(cuda_available=True, cuda_bf16_native=False), False, "fp16"),
+    ("A100: sm_80, native bf16", "auto", "cuda", Caps(cuda_available=True, cuda_bf16_native=native_bf16((8, 0))),
+     False, "bf16"),
+    ("H100/H200: sm_90", "auto", "cuda", Caps(cuda_available=True, cuda_bf16_native=native_bf16((9, 0))), False, "bf16"),
+    ("V100: sm_70, bf16 only emulated", "auto", "cuda", Caps(cuda_available=True, cuda_bf16_native=native_bf16((7, 0))),
+     False, "fp16"),
+    ("T4: sm_75, bf16 only emulated", "auto", "cuda", Caps(cuda_available=True, cuda_bf16_native=native_bf16((7, 5))),
+     False, "fp16"),
     ("EPYC Zen 4: avx512_bf16", "auto", "cpu", Caps(cpu_capability="AVX512", cpu_avx512_bf16=True, cpu_amx=False),
      False, "bf16"),
     ("Sapphire Rapids: AMX", "auto", "cpu", Caps(cpu_capability="AVX512", cpu_avx512_bf16=True, cpu_amx=True),
@@ -37,13 +42,44 @@ def test_resolve(case, requested, device_type, caps, probe, want):
     assert (choice.candidates == ("fp32", "bf16")) == (want == MEASURE)
 
 
-def test_auto_is_fp32_on_a_cpu_without_native_bf16():
-    """This machine's own capabilities (an AVX2 EPYC here): auto must stay fp32 where bf16 is emulated."""
-    caps = precision.detect()
-    if caps.cpu_avx512_bf16 or caps.cpu_amx or not caps.x86:
-        pytest.skip(f"this CPU may have native bf16: {caps}")
-    choice = resolve("auto", "cpu", caps)
-    assert choice.name == "fp32", choice
+def _cpu_flags() -> set[str]:
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return set()
+    return {f for line in text.splitlines() if line.startswith("flags") for f in line.split(":", 1)[1].split()}
+
+
+def test_this_machine_is_judged_by_its_own_flags():
+    """Whatever this CPU is: torch's probes read what /proc/cpuinfo says (lscpu's flags), and auto
+    follows the rules above from them -- bf16 with avx512_bf16 or AMX, fp32 without."""
+    caps, flags = precision.detect(), _cpu_flags()
+    if not (caps.x86 and flags):
+        pytest.skip(f"not an x86 Linux CPU with /proc/cpuinfo flags: {caps}")
+    assert caps.cpu_avx512_bf16 in (None, "avx512_bf16" in flags) and caps.cpu_amx in (None, "amx_tile" in flags), caps
+    want = "bf16" if caps.cpu_avx512_bf16 or caps.cpu_amx else MEASURE if caps.cpu_capability.startswith("AVX512") \
+        and caps.cpu_avx512_bf16 is None and caps.cpu_amx is None else "fp32"
+    assert resolve("auto", "cpu", caps).name == want
+
+
+def test_a_trained_model_runs_in_its_runs_precision_unless_told():
+    assert precision.for_trained("auto", "bf16", "recorded in the checkpoint") == (
+        "bf16", "the run's (recorded in the checkpoint)")
+    assert precision.for_trained("fp32", "bf16", "recorded in the checkpoint") == ("fp32", "requested")
+    assert precision.for_trained("fp16", "fp32", "x") == ("fp16", "requested")
+
+
+@pytest.mark.parametrize("run, caps, here", [("fp32", Caps(cpu_capability="AVX512", cpu_avx512_bf16=True, cpu_amx=True),
+                                               "bf16"), ("bf16", AVX2, "fp32"), ("bf16", Caps(cpu_arch="aarch64"), None)])
+def test_a_resumed_run_keeps_its_precision_under_auto(run, caps, here):
+    """Both ways, whatever this machine is: a run resumed on a machine whose own choice differs
+    goes on in the precision its checkpoint computed in, and says what the machine alone would do
+    (no collective is needed: every rank holds the same broadcast checkpoint)."""
+    x, y = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
+    prec = precision.choose("auto", torch.device("cpu"), CNN(), x, y, caps=caps, resumed=run)
+    assert prec.name == run and prec.reason.startswith(f"the run's: resumed from a checkpoint that computed in {run}")
+    assert (f"alone, this machine would pick {here}" if here else "alone, this machine would measure") in prec.reason
+    assert prec.scaler.is_enabled() == (run == "fp16")
 
 
 def test_builds_match_the_rules():
