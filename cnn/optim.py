@@ -41,36 +41,69 @@ def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum whose update is orthogonalized per weight matrix (conv weights flattened)."""
+    """Nesterov momentum whose update is orthogonalized per weight matrix (conv weights flattened).
+
+    Scaler-aware as fused Adam is: an enabled GradScaler.step sets ``grad_scale`` (the loss scale,
+    or None when ``scaler.unscale_`` already ran) and ``found_inf`` (0 or 1, on the device) on the
+    optimizer and calls step(); the grads are unscaled and an inf/nan step leaves the weights and
+    the momentum unchanged without reading either tensor on the host (no sync per step).
+    """
+
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum})
 
     @torch.no_grad()
     def step(self, closure=None):
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        # the reciprocal in fp64, then a multiply, as GradScaler.unscale_ does: the unscaled grads
+        # (written back to .grad, as fused Adam does) are the generic path's bit for bit
+        inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue
+                if inv_scale is not None:
+                    p.grad.mul_(inv_scale.to(p.device, non_blocking=True))
                 state = self.state[p]
                 if "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
-                buf.mul_(group["momentum"]).add_(p.grad)
-                update = p.grad.add(buf, alpha=group["momentum"])  # Nesterov
+                new_buf = buf.mul_(group["momentum"]) if found_inf is None else buf.mul(group["momentum"])
+                new_buf.add_(p.grad)
+                update = p.grad.add(new_buf, alpha=group["momentum"])  # Nesterov
                 rows = update.shape[0]
                 ortho = newton_schulz(update.reshape(rows, -1))
                 # scaled as the paper: sqrt(max(1, rows / cols)); 1 for conv2 (64x288) and conv3 (128x576)
                 scale = max(1.0, rows / ortho.shape[1]) ** 0.5
-                p.add_(ortho.view(p.shape), alpha=-group["lr"] * scale)
+                if found_inf is None:
+                    p.add_(ortho.view(p.shape), alpha=-group["lr"] * scale)
+                    continue
+                # where, not a multiply by (1 - found_inf): an inf grad makes the update nan, and nan * 0 is nan
+                skip = found_inf.to(p.device, non_blocking=True) != 0
+                buf.copy_(torch.where(skip, buf, new_buf))
+                p.copy_(torch.where(skip, p, p.add(ortho.view(p.shape), alpha=-group["lr"] * scale)))
 
 
 class AdamMuon:
-    """Adam and Muon as one optimizer to the loop, the grad scaler (which needs only param_groups
-    and step) and the checkpoint (state_dict holds both)."""
+    """Adam and Muon as one optimizer to the loop, the grad scaler (which needs param_groups and
+    step) and the checkpoint (state_dict holds both).
+
+    With a fused Adam it handles loss scaling itself, as fused Adam does: an enabled GradScaler
+    then checks the grads for inf/nan on the device, sets ``grad_scale`` and ``found_inf`` here
+    and calls step(), which hands both to Adam's fused kernel and to Muon -- where the generic
+    path would read found_inf with ``.item()``, a host-device sync every step.
+    """
 
     def __init__(self, adam: torch.optim.Optimizer, muon: Muon) -> None:
         self.adam, self.muon = adam, muon
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # only fused Adam takes grad_scale/found_inf; the foreach fallback asserts they are None
+        return bool(getattr(self.adam, "_step_supports_amp_scaling", False))
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -81,8 +114,20 @@ class AdamMuon:
         return {**self.adam.state, **self.muon.state}
 
     def step(self, closure=None) -> None:
-        self.adam.step()
-        self.muon.step()
+        # set by an enabled GradScaler.step for the duration of this call; absent otherwise
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        scaled = grad_scale is not None or found_inf is not None
+        parts = (self.adam, self.muon)
+        if scaled:
+            for part in parts:
+                part.grad_scale, part.found_inf = grad_scale, found_inf
+        try:
+            for part in parts:
+                part.step()
+        finally:
+            if scaled:
+                for part in parts:
+                    del part.grad_scale, part.found_inf
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.adam.zero_grad(set_to_none)

@@ -87,3 +87,108 @@ def test_checkpoint_from_before_muon_resumes_only_as_adam():
     with pytest.raises(checkpoint.CheckpointError, match=r"optim.muon_lr was 0.0 when saved but is 0.02 now: "
                                                         r"pass optim.muon_lr=0.0 to continue"):
         checkpoint.check_config(before, now, "old")
+
+
+class _GenericPath(AdamMuon):
+    """The same optimizer with the scaler-aware flag hidden: GradScaler.step unscales, reads
+    found_inf with .item() and calls step() only when it is 0 (its generic path)."""
+
+    _step_supports_amp_scaling = False
+
+
+def _fp16_pair(seed=0):
+    """Two identical CNNs with the default optimizer, the second on GradScaler's generic path, each with its
+    own live fp16 scaler (default init scale 2**16, growth 2, backoff 0.5: the scale stays a power of 2)."""
+    cfg = _cfg("model.dropout=0").optim
+    torch.manual_seed(seed)
+    a = CNN(dropout=0)
+    b = copy.deepcopy(a)
+    opt_a, opt_b = build_optimizer(a, cfg), build_optimizer(b, cfg)
+    assert isinstance(opt_a, AdamMuon)  # the default recipe trains the convs with Muon
+    opt_b = _GenericPath(opt_b.adam, opt_b.muon)
+    return (a, opt_a, torch.amp.GradScaler("cpu")), (b, opt_b, torch.amp.GradScaler("cpu"))
+
+
+def _fp16_step(model, opt, scaler, seed, poison=None):
+    """One training step as the loop takes it in fp16; poison(model) may corrupt the (scaled) grads."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+    scaler.scale(F.cross_entropy(model(x), y)).backward()
+    if poison is not None:
+        poison(model)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+
+
+def _assert_same(model_a, opt_a, model_b, opt_b):
+    for (k, va), vb in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    for part in ("adam", "muon"):
+        sa, sb = getattr(opt_a, part).state_dict()["state"], getattr(opt_b, part).state_dict()["state"]
+        assert sa.keys() == sb.keys(), part
+        for i in sa:
+            for name in sa[i]:
+                assert torch.equal(sa[i][name], sb[i][name]), (part, i, name)
+
+
+def test_default_optimizer_handles_loss_scaling_itself_and_matches_the_generic_path_bitwise():
+    (a, opt_a, sc_a), (b, opt_b, sc_b) = _fp16_pair()
+    assert opt_a._step_supports_amp_scaling is True and opt_a.muon._step_supports_amp_scaling is True
+    for seed in range(3):
+        _fp16_step(a, opt_a, sc_a, seed)
+        _fp16_step(b, opt_b, sc_b, seed)
+    # Bitwise, not approximately: Muon unscales as GradScaler.unscale_ does (times the fp32 reciprocal
+    # computed in fp64), and fused Adam's divide by the scale equals that multiply because the scale is 2**16.
+    _assert_same(a, opt_a, b, opt_b)
+    assert sc_a.get_scale() == sc_b.get_scale() == 2.0 ** 16
+    assert not any(hasattr(o, n) for o in (opt_a, opt_a.adam, opt_a.muon) for n in ("grad_scale", "found_inf"))
+    # Without fused Adam (a build that lacks it) the flag is off, and the generic path still works.
+    foreach = AdamMuon(torch.optim.Adam(a.head.parameters(), foreach=True), opt_a.muon)
+    assert foreach._step_supports_amp_scaling is False
+
+
+@pytest.mark.parametrize("where", ["muon", "adam"])
+def test_an_inf_grad_skips_the_whole_step_and_backs_off_the_scale(where):
+    (a, opt_a, sc_a), (b, opt_b, sc_b) = _fp16_pair()
+    assert opt_a._step_supports_amp_scaling is True
+    for model, opt, scaler in ((a, opt_a, sc_a), (b, opt_b, sc_b)):
+        for seed in range(2):
+            _fp16_step(model, opt, scaler, seed)
+    params, state, scale = copy.deepcopy(a.state_dict()), copy.deepcopy(opt_a.state_dict()), sc_a.get_scale()
+
+    def poison(model):  # one inf in a weight of the other optimizer must stop this one too
+        p = muon_params(model)[0] if where == "muon" else model.hidden[0].weight
+        p.grad.view(-1)[0] = float("inf")
+
+    _fp16_step(a, opt_a, sc_a, 2, poison)
+    _fp16_step(b, opt_b, sc_b, 2, poison)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, params[k]), k
+    for part in ("adam", "muon"):
+        now, before = opt_a.state_dict()[part]["state"], state[part]["state"]
+        assert all(torch.equal(now[i][n], before[i][n]) for i in before for n in before[i]), part
+    assert sc_a.get_scale() == sc_b.get_scale() == scale / 2
+    _assert_same(a, opt_a, b, opt_b)
+    _fp16_step(a, opt_a, sc_a, 3)  # and training goes on as on the generic path
+    _fp16_step(b, opt_b, sc_b, 3)
+    _assert_same(a, opt_a, b, opt_b)
+
+
+def test_scaler_step_reads_nothing_back_to_the_host(monkeypatch):
+    (a, opt_a, sc_a), _ = _fp16_pair()
+    _fp16_step(a, opt_a, sc_a, 0)  # state exists; the guarded step is a steady-state one
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)
+    sc_a.scale(F.cross_entropy(a(x), y)).backward()
+    before = [p.detach().clone() for p in a.parameters()]
+
+    def sync(self, *args, **kwargs):  # on CUDA each of these waits for the device
+        raise AssertionError("host-device sync in GradScaler.step")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    sc_a.step(opt_a)
+    sc_a.update()
+    monkeypatch.undo()
+    assert all(not torch.equal(p0, p) for p0, p in zip(before, a.parameters()))  # it did step
