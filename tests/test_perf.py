@@ -66,13 +66,61 @@ def test_peak_is_measured_in_the_arithmetic_the_run_uses(monkeypatch):
                             "tf32_matmul": False, "tf32_cudnn": False}
 
 
-def test_graph_replays_are_counted(monkeypatch):
+class FakeGraph:
+    """Stands in for torch.cuda.CUDAGraph: the two methods GraphReplays wraps."""
+
+    log: list = []
+
+    def capture_end(self) -> None:
+        FakeGraph.log.append(("capture", id(self)))
+
+    def replay(self) -> None:
+        FakeGraph.log.append(("replay", id(self)))
+
+
+def _cudagraph_trees(graph_class: type, steps: int, rerecord: bool) -> None:
+    """What inductor's cudagraph trees call (torch/_inductor/cudagraph_trees.py, 2.14.1): the tree
+    manager captures one empty graph, never replayed; each CUDAGraphNode captures its graph and
+    replays it once at once; later steps replay it (run_graph), or record a new node every step."""
+    graph_class().capture_end()  # CUDAGraphTreeManager.__init__
+    graph = None
+    for _ in range(steps):
+        if graph is None or rerecord:
+            graph = graph_class()
+            graph.capture_end()  # CUDAGraphNode._record, torch.cuda.graph's __exit__
+        graph.replay()  # right after recording: CUDAGraphNode.__init__; else run_graph
+
+
+@pytest.mark.parametrize("rerecord, captures, replays, beyond", [(True, 11, 10, 0), (False, 2, 10, 8)])
+def test_graph_reuse_counts_replays_beyond_captures(rerecord, captures, replays, beyond):
+    """A graph re-recorded every step replays once per capture: 0 beyond the captures, not "replayed"."""
+
+    class Graph(FakeGraph):  # a fresh class per test: GraphReplays' wrappers stay on the class it is given
+        pass
+
+    FakeGraph.log = []
+    counter = perf.GraphReplays(Graph)
+    _cudagraph_trees(Graph, 10, rerecord)
+    facts = counter.facts()
+    assert {k: facts[k] for k in ("cudagraph_captures", "cudagraph_replays", "cudagraph_replays_beyond_captures")} \
+        == {"cudagraph_captures": captures, "cudagraph_replays": replays, "cudagraph_replays_beyond_captures": beyond}
+    assert [kind for kind, _ in FakeGraph.log].count("replay") == replays  # the wrapped methods still ran
+    assert [kind for kind, _ in FakeGraph.log].count("capture") == captures
+    assert facts["cudagraph_skips"] == 0
+
+
+def test_graph_replays_wrap_torchs_graph_class_where_cuda_graphs_may_run(monkeypatch):
     calls = []
-    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: calls.append(graph))
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: calls.append(("replay", graph)))
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_end", lambda graph: calls.append(("capture", graph)))
     counter = perf.graph_replays(True, "reduce-overhead", torch.device("cuda", 0))
+    torch.cuda.CUDAGraph.capture_end("g1")
     torch.cuda.CUDAGraph.replay("g1")
-    torch.cuda.CUDAGraph.replay("g2")
-    assert calls == ["g1", "g2"] and counter.facts()["cudagraph_replays"] == 2
+    torch.cuda.CUDAGraph.replay("g1")
+    assert calls == [("capture", "g1"), ("replay", "g1"), ("replay", "g1")]
+    facts = counter.facts()
+    assert (facts["cudagraph_captures"], facts["cudagraph_replays"], facts["cudagraph_replays_beyond_captures"]) \
+        == (1, 2, 1)
     assert perf.graph_replays(True, "default", torch.device("cuda", 0)).facts() == {}
     assert perf.graph_replays(True, "reduce-overhead", torch.device("cpu")).facts() == {}
 
