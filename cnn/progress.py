@@ -30,16 +30,74 @@ class Progress:
     """train_seconds when the current epoch began."""
     epoch_start_images: int = 0
     """images when the current epoch began."""
+    warmup_window_seconds: float = 0.0
+    """Seconds of the warm-up windows: the first log window of each attempt (process start), which holds
+    cuDNN autotuning, DDP's first iterations and a cold torch.compile."""
+    warmup_window_images: int = 0
+    """Images of the warm-up windows."""
+    steady_window_seconds: float = 0.0
+    """Seconds of the steady windows: every log window but each attempt's first.  A checkpoint written
+    before these window fields existed loads them at their defaults (0, and None for the two below):
+    its windows count as neither warm-up nor steady, so the steady figures cover only the windows since."""
+    steady_window_images: int = 0
+    """Images of the steady windows."""
+    warmup_window_seconds_to_99: float | None = None
+    """warmup_window_seconds when an evaluation first reached TARGET_ACCURACY (None: not yet, or reached
+    before these fields existed)."""
+    warmup_window_images_to_99: int | None = None
+    """warmup_window_images when an evaluation first reached TARGET_ACCURACY."""
+
+    def __post_init__(self) -> None:
+        # Not saved: every process, a resumed one too, starts cold, so its first window is warm-up.
+        self.next_window_is_warmup = True
 
     def add(self, images: int, seconds: float) -> None:
-        """A closed log window."""
+        """A closed log window: the attempt's first is warm-up, the others steady."""
         self.images += images
         self.train_seconds += seconds
+        if self.next_window_is_warmup:
+            self.warmup_window_images += images
+            self.warmup_window_seconds += seconds
+            self.next_window_is_warmup = False
+        else:
+            self.steady_window_images += images
+            self.steady_window_seconds += seconds
 
     def record_eval(self, accuracy: float) -> None:
         self.best_accuracy = max(self.best_accuracy, accuracy)
         if accuracy >= TARGET_ACCURACY and self.seconds_to_99 is None:
             self.seconds_to_99, self.images_to_99 = self.train_seconds, self.images
+            self.warmup_window_seconds_to_99 = self.warmup_window_seconds
+            self.warmup_window_images_to_99 = self.warmup_window_images
+
+    def steady(self, peak: perf.Roofline) -> dict[str, float | None]:
+        """The run's figures after warm-up, beside summarize's whole-run totals.
+
+        steady_images_per_sec = steady_window_images / steady_window_seconds; steady_mfu and
+        steady_mfu_datasheet: perf.throughput's mfu and mfu_datasheet at that rate.
+        warmup_seconds = warmup_window_seconds - warmup_window_images / steady_images_per_sec, at least 0:
+        the training seconds the warm-up windows took beyond what their images take at the steady rate.
+        steady_seconds_to_99 = seconds_to_99 minus that excess of the warm-up windows before it (a
+        resume after 99% adds warm-up that seconds_to_99 does not hold).
+        Every figure is None while there is no steady window (a run of one log window per attempt:
+        too short to have a steady state); steady_seconds_to_99 also when seconds_to_99 is None or the
+        99% mark predates these fields."""
+        none = {"steady_images_per_sec": None, "steady_mfu": None, "steady_mfu_datasheet": None,
+                "warmup_seconds": None, "steady_seconds_to_99": None}
+        if self.steady_window_seconds <= 0:
+            return none
+        tp = perf.throughput(self.steady_window_images, self.steady_window_seconds, peak)
+        rate = tp["images_per_sec"]
+
+        def excess(seconds: float, images: int) -> float:
+            return max(0.0, seconds - images / rate)
+
+        to_99 = None
+        if self.seconds_to_99 is not None and self.warmup_window_seconds_to_99 is not None:
+            to_99 = self.seconds_to_99 - excess(self.warmup_window_seconds_to_99, self.warmup_window_images_to_99 or 0)
+        return {"steady_images_per_sec": rate, "steady_mfu": tp["mfu"], "steady_mfu_datasheet": tp["mfu_datasheet"],
+                "warmup_seconds": excess(self.warmup_window_seconds, self.warmup_window_images),
+                "steady_seconds_to_99": to_99}
 
     def close_epoch(self) -> tuple[int, float]:
         """(images, seconds) of the epoch that just ended; the next one starts now."""
@@ -66,7 +124,8 @@ class Progress:
 
     def summarize(self, final, total_steps: int, spe: int, peak: perf.Roofline, device: torch.device) -> dict:
         """The run's figures for summary.json and W&B, after the final evaluation `final`
-        (collective: peak memory is the largest rank's)."""
+        (collective: peak memory is the largest rank's): whole-run totals, and the steady-state ones
+        after warm-up (`steady`)."""
         return {
             "test_accuracy": final.accuracy, "test_loss": final.loss, "eval_count": final.count,
             "best_test_accuracy": max(self.best_accuracy, final.accuracy),
@@ -75,14 +134,16 @@ class Progress:
             "train_seconds": self.train_seconds, "images": self.images,
             **perf.peak_memory_mb(device),
             **perf.throughput(self.images, self.train_seconds, peak),
+            **self.steady(peak),
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self)  # the fields only: next_window_is_warmup belongs to the process
 
     @classmethod
     def from_checkpoint(cls, state: dict[str, Any] | None) -> "Progress":
-        """From a checkpoint's "progress" (or the "history" dict that checkpoints of 0.1 hold)."""
+        """From a checkpoint's "progress" (or the "history" dict that checkpoints of 0.1 hold); fields
+        newer than the checkpoint take their defaults.  The next window is warm-up (__post_init__)."""
         if state is None:
             return cls()
         if "progress" in state:
