@@ -7,14 +7,19 @@
 #   bash bench/gpu_check.sh                          # omegaconf installed and MNIST in datasets/ already
 #
 # 1. installs the bundle's wheels with the package index disabled (into a scratch folder on
-#    PYTHONPATH; nothing is installed into the system), 2. imports the trainer (wandb must not be
-#    needed), 3. unpacks MNIST (MD5-verified), 4. runs the GPU tests and the pure-function tests
-#    of the CUDA decisions (GPU choice, precision=auto, datasheet peaks), then 5. the trainer on
-#    CUDA (bench/gpu_runs.py): fp32, bf16, fp16, eager and compile_mode=reduce-overhead, one process
-#    and torchrun on all GPUs, as one table (images/s, seconds to 99%, MFU against the measured and
-#    the datasheet peak, peak GPU memory, CUDA-graph replays).
-# Without CUDA (or with --dry-run) it stops after step 4 with a line saying so; --dry-run exits 0.
-# Output: env.txt, tests.txt, table.txt, results.jsonl, failures.log in $OUT (or a temp folder);
+#    PYTHONPATH; nothing is installed into the system) and checks, one line each, every import the
+#    check needs, the C compiler and Python.h (Triton builds its launcher: without them the
+#    compiled rows are left out), 2. imports the trainer (wandb must not be needed), 3. unpacks
+#    MNIST (MD5-verified), 4. runs the GPU tests and the pure-function tests of the CUDA decisions
+#    (GPU choice, precision=auto, datasheet peaks) in one process, with or without pytest-xdist,
+#    then 5. the trainer on CUDA (bench/gpu_runs.py): fp32, bf16, fp16, eager and
+#    compile_mode=reduce-overhead, one process and (with >= 2 GPUs) torchrun on all GPUs, as many
+#    rows as the time left fits (what is left out is printed, with why), as one table (images/s
+#    whole-run and steady, warm-up, seconds to 99%, MFU against the measured and the datasheet
+#    peak, peak GPU memory, CUDA-graph replays). No completed row is a failure.
+# Without CUDA (or with --dry-run) it prints the plan and stops after step 4 with a line saying
+# so; --dry-run exits 0.
+# Output: preflight.txt, env.txt, tests.txt, table.txt, results.jsonl, failures.log in $OUT (or a temp folder);
 # run folders and checkpoints stay in a scratch folder that is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,7 +30,7 @@ while [ $# -gt 0 ]; do
     --bundle) BUNDLE=${2:?--bundle needs a folder}; shift 2 ;;
     --bundle=*) BUNDLE=${1#--bundle=}; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (usage: bash bench/gpu_check.sh [--bundle DIR] [--dry-run])" >&2; exit 2 ;;
   esac
 done
@@ -37,7 +42,7 @@ trap 'rm -rf "$WORK"' EXIT
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PIP_NO_INDEX=1
 step() { echo "== $(date +%T) [${SECONDS}s] $*"; }
 
-step "1/5 install"
+step "1/5 install and preflight"
 DATA=${DATA_ROOT:-datasets}
 if [ -n "$BUNDLE" ]; then
   [ -d "$BUNDLE/wheels" ] && [ -d "$BUNDLE/mnist" ] || { echo "error: --bundle $BUNDLE has no wheels/ and mnist/ (make it with bench/gpu_bundle.sh)" >&2; exit 2; }
@@ -45,6 +50,7 @@ if [ -n "$BUNDLE" ]; then
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   DATA=$WORK/data
 fi
+"$PY" bench/gpu_runs.py --preflight | tee "$OUT/preflight.txt"
 
 step "2/5 imports"
 "$PY" - <<'PY' | tee "$OUT/env.txt"
@@ -73,15 +79,18 @@ else
 fi
 
 step "4/5 tests (GPU tests skip without CUDA)"
-# one process (-o addopts drops pyproject's "-n 2": the GPU machines have no pytest-xdist, and one GPU)
-MNIST_ROOT=$DATA timeout 150 "$PY" -m pytest -q -p no:cacheprovider -p no:xdist -o addopts="-ra --strict-markers" \
+# one process, with or without pytest-xdist: pyproject's addopts less xdist's options, xdist blocked
+mapfile -t PYTEST_ARGS < <("$PY" bench/gpu_runs.py --pytest-args)
+[ ${#PYTEST_ARGS[@]} -gt 0 ] || { echo "error: bench/gpu_runs.py --pytest-args printed nothing" >&2; exit 1; }
+MNIST_ROOT=$DATA timeout 150 "$PY" -m pytest -q "${PYTEST_ARGS[@]}" \
   tests/test_gpu.py tests/test_distributed.py \
   tests/test_precision.py tests/test_perf.py tests/test_gpu_check.py > "$OUT/tests.txt" 2>&1 \
   || { tail -30 "$OUT/tests.txt"; echo "error: tests failed (all of it in $OUT/tests.txt)" >&2; exit 1; }
 tail -1 "$OUT/tests.txt"
 
 if [ "$DRY" = 1 ] || ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
-  "$PY" bench/gpu_runs.py --plan --gpus 1 --data "$DATA" > /dev/null  # the runner imports and plans here too
+  # the plan that step 5 would run with this much time left on one GPU (and the runner's imports)
+  "$PY" bench/gpu_runs.py --plan --gpus 1 --deadline-s="$((BUDGET_S - SECONDS))" --data "$DATA"
   reason=$([ "$DRY" = 1 ] && echo "--dry-run" || echo "torch.cuda.is_available() is False")
   echo "stopping before 5/5: the trainer runs need CUDA ($reason); install, imports, MNIST and tests passed. Output: $OUT"
   [ "$DRY" = 1 ] && exit 0 || exit 1
@@ -90,6 +99,6 @@ fi
 step "5/5 trainer on CUDA"
 left=$((BUDGET_S - SECONDS))
 status=0
-"$PY" bench/gpu_runs.py --data "$DATA" --work "$WORK/runs" --out "$OUT" --deadline-s "$left" || status=$?
+"$PY" bench/gpu_runs.py --data "$DATA" --work "$WORK/runs" --out "$OUT" --deadline-s="$left" || status=$?
 echo "done in ${SECONDS}s; figures in $OUT/table.txt (failed runs' logs: $OUT/failures.log)"
 exit $status
