@@ -147,10 +147,17 @@ def test_hung_rank_ends_the_job_within_the_timeout_then_resume_at_another_world_
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 10" in second.stdout and "saved at world size 2" in second.stdout
     assert _samples(cut) == _samples(ref)
-    a, b = _final_weights(ref), _final_weights(cut)
-    for k in a:  # seen: <= 2.5e-4 after 60 Adam steps; Adam amplifies last-bit differences
-        rel = ((a[k] - b[k]).norm() / a[k].norm()).item()
-        assert rel < 1e-3, (k, rel)
+    # Summed in another order, the gradients differ in their last bits (~1e-6 relative, on every CPU
+    # kind); how far training then carries that apart depends on the kernels: after 10 steps 2.6e-4
+    # with torch's AVX-512 kernels, 9e-8 with its AVX2 ones (ATEN_CPU_CAPABILITY=avx2, same AVX-512
+    # EPYC); after 50, 1.4e-2 and 3e-7. A resume that lost the optimizer state (fresh Adam moments)
+    # is 0.72 and 0.81 apart: the bounds below tell the two apart on any CPU, and the accuracy is the same.
+    for step, bound in ((20, 1e-2), (STEPS, 1e-1)):
+        a, b = (checkpoint.load(checkpoint.path_for(d, step))["model"] for d in (ref, cut))
+        for k in a:
+            rel = ((a[k] - b[k]).norm() / a[k].norm()).item()
+            assert rel < bound, (step, k, rel)
+    assert abs(read_summary(cut)["test_accuracy"] - read_summary(ref)["test_accuracy"]) <= 0.01
     s = read_summary(cut)
     assert s["world_size"] == 1 and s["steps"] == STEPS
 
