@@ -106,9 +106,10 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     tracker = make_tracker(d.is_main, run, config.to_yaml(cfg), cfg.wandb, {**config_dict, **facts})
     ranks = perf.make_rank_stats(cfg.train.rank_stats, raw, d.device, d.world_size, out.warn,
                                  cfg.train.debug_delay_ms if d.rank == cfg.train.debug_delay_rank else 0.0)
-    saver = checkpoint.make_saver(d.is_main, run.path, cfg.checkpoint.keep, raw, opt, prec.scaler, config_dict,
-                                  d.world_size, spe, precision.record(cfg.precision, prec))
-    exit_code = 1
+    saving = (run.path, cfg.checkpoint.keep, raw, opt, prec.scaler, config_dict, d.world_size, spe,
+              precision.record(cfg.precision, prec))
+    saver, emergency = checkpoint.make_saver(d.is_main, *saving), checkpoint.make_emergency_saver(d.backend, *saving)
+    exit_code, intact = 1, None  # intact: the completed step the live model and optimizer hold (None: not one)
     try:
         tracker.truncate_after(start_step)  # records of an attempt that died after its last checkpoint (or before the first)
         tracker.log(record("start", start_step, start_step // spe, **facts), stream=False)  # in W&B's config
@@ -118,6 +119,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         profiler = make_profiler(cfg.train.profile_steps, total_steps, start_step, run, d.rank, d.device, out, tracker)
         window, share, last_eval, step = perf.Window(d.device), None, None, start_step
         syncs = perf.SyncCheck(cfg.train.sync_debug, d.device)
+        intact = step
         while step < total_steps:
             syncs.forbid()  # train.sync_debug: a host-device sync from here to a log point raises
             epoch, s = divmod(step, spe)
@@ -133,11 +135,13 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)
             prec.scaler.scale(loss).backward()
             ranks.after_backward()
+            intact = None  # from here to step += 1 the update is being applied
             prec.scaler.step(opt)
             prec.scaler.update()
             opt.zero_grad(set_to_none=True)
             window.add(loss, logits, y)
             step += 1
+            intact = step
             out.advance()
             if step == start_step + 1:  # compiled and warm: from here a silent rank is a dead one
                 distributed.end_warmup(cfg.dist.timeout_s, d.device, d.cpu_group)
@@ -186,6 +190,10 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                {**progress.summarize(final, total_steps, spe, peak, d.device), **replays.facts(), **facts})
         exit_code = 0
         return exit_code
+    except RuntimeError as exc:  # a peer gone: this replica still holds the last completed step
+        if intact is not None and distributed.collective_failure(exc):
+            save_emergency(emergency, intact, progress, tracker, run, d.rank)
+        raise
     finally:
         tracker.finish(exit_code)
 
@@ -205,6 +213,19 @@ def report(final, world_size: int, run: RunDir, tracker, out: console.NullConsol
 def progress_state(progress: Progress, tracker) -> dict:
     """What a checkpoint holds besides the training objects."""
     return {"progress": progress.state_dict(), "wandb_run_id": tracker.run_id}
+
+
+def save_emergency(emergency, step: int, progress: Progress, tracker, run: RunDir, rank: int) -> None:
+    """After a failed collective: the state of the completed step `step` as a checkpoint, from this
+    rank (cnn.checkpoint.Saver.save_emergency), said in one line of its own; never raises."""
+    try:
+        path = emergency.save_emergency(step, {**progress_state(progress, tracker),
+                                               "wandb_run_id": tracker.run_id or run.read_wandb_id()})
+    except Exception as exc:  # the collective's error is the one to report
+        console.warn(f"rank {rank}: emergency checkpoint of step {step} not written ({exc})")
+        return
+    if path is not None:
+        console.warn(f"rank {rank}: a collective failed; emergency checkpoint of step {step}: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,10 @@
 Global rank 0 writes ``<run.dir>/checkpoints/step-XXXXXXXX.pt`` through
 ``cnn.files.write_atomic`` (temp file, fsync, rename, fsync of the folder), then
 keeps only the newest ``checkpoint.keep``: a kill at any moment leaves the
-previous checkpoint intact.  Other ranks hold a ``NullSaver``.
+previous checkpoint intact.  Other ranks hold a ``NullSaver``.  When a collective fails because a
+peer is gone, every surviving rank writes the state of the last completed optimizer step
+(``Saver.save_emergency``): a lost peer then costs the step in flight, not the work since the
+last checkpoint.
 
 ``resume()`` is the policy: rank 0 picks the checkpoint (``checkpoint.resume``:
 auto | never | a path), validates it (readable, ours, not newer, weights that fit
@@ -284,6 +287,19 @@ class NullSaver:
     def save(self, step: int, extra: dict[str, Any]) -> Path | None:
         return None
 
+    def save_emergency(self, step: int, extra: dict[str, Any]) -> Path | None:
+        return None
+
+
+def _finite(tree: Any) -> bool:
+    if torch.is_tensor(tree):
+        return not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+    if isinstance(tree, dict):
+        return all(_finite(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return all(_finite(v) for v in tree)
+    return True
+
 
 class Saver(NullSaver):
     """Global rank 0's checkpoint writer, bound to the live training objects."""
@@ -295,16 +311,44 @@ class Saver(NullSaver):
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.config, self.world_size, self.spe = config, world_size, steps_per_epoch
 
-    def save(self, step: int, extra: dict[str, Any]) -> Path:
+    def state(self, step: int, extra: dict[str, Any]) -> dict[str, Any]:
         """The raw model's state_dict (loads without DDP or compile), optimizer, scaler, position, config,
         and the precision the run computes in (cnn.precision.record)."""
-        return save({
+        return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(), "step": step, "epoch": step // self.spe,
             "step_in_epoch": step % self.spe, "config": self.config, "world_size": self.world_size,
             "precision": self.precision, **extra,
-        }, self.run_dir, self.keep)
+        }
+
+    def save(self, step: int, extra: dict[str, Any]) -> Path:
+        return save(self.state(step, extra), self.run_dir, self.keep)
+
+    def save_emergency(self, step: int, extra: dict[str, Any]) -> Path | None:
+        """After a failed collective: the live state, which the caller vouches is that of the completed
+        optimizer step `step`, as a normal checkpoint -- unless a checkpoint of `step` or later exists
+        already (never an older state over a newer one) or the state is not finite (the failure may
+        be this replica's own).  No collective: the peers may be gone.  Every surviving rank may
+        call it: DDP replicas hold the same weights and optimizer state, each writes through its own
+        temp file (cnn.files.write_atomic), and on a shared filesystem the first rename wins the
+        check of the later ones.  None when nothing was written."""
+        newest = list_checkpoints(self.run_dir)
+        if newest and int(PATTERN.match(newest[0].name).group(1)) >= step:
+            return None
+        state = self.state(step, extra)
+        if not (_finite(state["model"]) and _finite(state["optimizer"])):
+            return None
+        return save(state, self.run_dir, self.keep)
 
 
 def make_saver(is_main: bool, *args: Any) -> NullSaver:
     return Saver(*args) if is_main else NullSaver()
+
+
+def make_emergency_saver(backend: str, *args: Any) -> NullSaver:
+    """Every rank's writer of the emergency checkpoint (``Saver.save_emergency``), on gloo.  On NCCL a
+    null one: there the CPU runs ahead of the GPU, so when a collective's failure reaches Python
+    the optimizer updates of the failed step may already be queued behind it on the device (the
+    state's step is unknown), and under torch's default TORCH_NCCL_ASYNC_ERROR_HANDLING=3
+    (SkipCleanUp) the watchdog thread ends the process before Python sees the error at all."""
+    return Saver(*args) if backend == "gloo" else NullSaver()

@@ -2,6 +2,7 @@
 resume at another world size, checkpoint fallbacks and adaptations (Ctrl-C / SIGTERM:
 test_interrupt.py)."""
 
+import random
 import re
 import shutil
 import subprocess
@@ -58,20 +59,44 @@ def reference(mnist_root, tmp_path_factory):
     return run_dir
 
 
-def test_sigkill_mid_epoch_restarts_and_matches_uninterrupted(mnist_root, reference, tmp_path):
-    """Bitwise on CPU fp32: data order, dropout masks and optimizer state are all restored
-    exactly (which also proves that the same config gives the same weights twice)."""
-    # rank 1 SIGKILLs itself before step 15 (mid-epoch 0, 5 steps after the checkpoint at 10)
-    proc = run(torchrun(2, *smoke_args(mnist_root, tmp_path, *SMALL, "checkpoint.fault_step=15",
-                                       "checkpoint.fault_rank=1"), extra=("--max-restarts=1",)))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "fault injection: rank 1 kills at step 15" in proc.stderr
-    assert "resumed from step 10 (epoch 0, step 10 of it)" in proc.stdout
-    _assert_same_weights(_final_weights(reference), _final_weights(tmp_path))
-    assert _train_records(reference) == _train_records(tmp_path)
+@pytest.fixture(scope="module")
+def reference3(mnist_root, tmp_path_factory):
+    """SMALL at world size 3, global batch 96 (32 a rank): 20 steps an epoch, 40 in all."""
+    run_dir = tmp_path_factory.mktemp("reference3")
+    assert_ranks_ok(ranks(3, *smoke_args(mnist_root, run_dir, *SMALL, "train.batch_size=96")))
+    return run_dir
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sigkill_at_a_random_step_costs_only_the_step_in_flight(mnist_root, reference, reference3, tmp_path,
+                                                                 world_size):
+    """No periodic checkpoints (checkpoint.every_steps=0: only epoch ends), and the last rank
+    SIGKILLs itself before a random step k under torchrun --max-restarts=1. The survivors' next
+    collective (DDP's gradient all-reduce of step k+1) fails; they hold step k complete and write
+    it (emergency checkpoint), and the restarted job resumes from step k -- not from the epoch
+    start -- with the same samples, and ends bitwise equal to the uninterrupted run (CPU fp32)."""
+    ref, more, steps = (reference, (), STEPS) if world_size == 2 else (reference3, ("train.batch_size=96",), 40)
+    k = random.Random().randrange(2, steps - 1)
+    victim = world_size - 1
+    proc = run(torchrun(world_size, *smoke_args(mnist_root, tmp_path, *SMALL, *more, "checkpoint.every_steps=0",
+                                                f"checkpoint.fault_step={k}", f"checkpoint.fault_rank={victim}"),
+                        extra=("--max-restarts=1",)))
+    assert proc.returncode == 0, (k, proc.stderr[-3000:])
+    assert f"fault injection: rank {victim} kills at step {k}" in proc.stderr
+    spe = steps // 2
+    # written unless the epoch's own checkpoint of step k exists already (never twice, never older)
+    assert (f"emergency checkpoint of step {k}:" in proc.stderr) == (k % spe != 0), (k, proc.stderr[-3000:])
+    assert f"rank {victim}: a collective failed" not in proc.stderr  # the dead rank wrote nothing
+    assert f"resumed from step {k} (epoch {k // spe}, step {k % spe} of it)" in proc.stdout, (k, proc.stdout[-2000:])
+    _assert_same_weights(_final_weights(ref), _final_weights(tmp_path))
+    # the same records, but the train loss of the first log window after k when k is inside one: the
+    # restarted process averages the window's steps since k only (train.log_every=10)
+    partial = (k // 10 + 1) * 10 if k % 10 else None
+    assert [r if r[0] != partial else (r[0], r[2]) for r in _train_records(ref)] == \
+        [r if r[0] != partial else (r[0], r[2]) for r in _train_records(tmp_path)]
     samples = _samples(tmp_path)
-    assert [s for s, _ in samples] == list(range(1, STEPS + 1)), "a step lost or repeated"
-    assert samples == _samples(reference)
+    assert [s for s, _ in samples] == list(range(1, steps + 1)), "a step lost or repeated"
+    assert samples == _samples(ref)
 
 
 def _timed_run(cmd, marker: str, timeout: float):
@@ -119,7 +144,7 @@ def test_hung_rank_ends_the_job_within_the_timeout_then_resume_at_another_world_
     """Rank 1 stops stepping at step 15 without exiting. Rank 0's next collective (DDP's
     gradient all-reduce) times out after dist.timeout_s and says so in one line; torchrun
     then kills the hung rank; no process survives. The run then resumes at world size 1
-    from the step-10 checkpoint with the same global sample sequence.
+    from the emergency checkpoint rank 0 wrote of step 15, with the same global sample sequence.
 
     Weights agree to float32 reduction-order noise only: the two ranks' gradients
     are summed by all-reduce at world size 2 and inside one batch at world size 1.
@@ -145,7 +170,9 @@ def test_hung_rank_ends_the_job_within_the_timeout_then_resume_at_another_world_
     assert 'train_ddp.py", line' not in err, "a worker printed a traceback"  # torchrun's own is allowed
     second = _python(mnist_root, cut, *args)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from step 10" in second.stdout and "saved at world size 2" in second.stdout
+    # rank 0 held step 15 complete when its all-reduce of step 16 timed out: it saved that step
+    assert "rank 0: a collective failed; emergency checkpoint of step 15" in err
+    assert "resumed from step 15" in second.stdout and "saved at world size 2" in second.stdout
     assert _samples(cut) == _samples(ref)
     # Summed in another order, the gradients differ in their last bits (~1e-6 relative, on every CPU
     # kind); how far training then carries that apart depends on the kernels: after 10 steps 2.6e-4
