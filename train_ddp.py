@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from cnn import checkpoint, config, console, distributed, fault, perf, precision, rundir
+from cnn import checkpoint, config, console, distributed, export, fault, perf, precision, rundir
 from cnn.config import Config, ConfigError
 from cnn.evaluate import evaluate
 from cnn.model import CNN
@@ -103,7 +103,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     facts = job_facts(d, prec, global_batch, peak, spe, total_steps)
     replays = perf.graph_replays(cfg.train.compile, cfg.train.compile_mode, d.device)
     out.info(f"run dir {run}\n--- resolved config ---\n{config.to_yaml(cfg)}---\nprecision {prec.name}: {prec.reason}")
-    tracker = make_tracker(d.is_main, run, config.to_yaml(cfg), cfg.wandb, {**config_dict, **facts})
+    tracker = make_tracker(d.is_main, run, config.to_yaml(cfg), cfg.wandb, {**config_dict, **facts},
+                           model_file=functools.partial(export.model_file, run))
     ranks = perf.make_rank_stats(cfg.train.rank_stats, raw, d.device, d.world_size, out.warn,
                                  cfg.train.debug_delay_ms if d.rank == cfg.train.debug_delay_rank else 0.0)
     saving = (run.path, cfg.checkpoint.keep, raw, opt, prec.scaler, config_dict, d.world_size, spe,

@@ -317,7 +317,7 @@ def table_line(row: dict) -> str:
         return "-" if x is None else format(x, fmt)
 
     # reused: replays beyond the captures (cudagraph trees replay each graph once right after recording
-    # it, so a graph re-recorded every step has as many replays as captures: cnn/perf.py GraphReplays)
+    # it, so a graph re-recorded every step has as many replays as captures: cnn/perf/cudagraphs.py GraphReplays)
     graphs = "-" if not row["compiled"] else (
         f"{'reused' if row.get('cudagraph_reused') else 'NOT reused'} ({row.get('cudagraph_captures')} captures, "
         f"{row['cudagraph_replays']} replays, {row.get('cudagraph_reused')} beyond them, {row['cudagraph_skips']} skips)")

@@ -188,6 +188,16 @@ def build(trained: Trained, formats: Sequence[str], prec: str = "fp32") -> dict[
     return out
 
 
+def model_file(run: rundir.RunDir, step: int) -> tuple[Path, dict[str, str]]:
+    """The weights of `run`'s checkpoint of `step` as the run folder's model.safetensors (what the W&B
+    model artifact publishes: cnn.tracking), and their metadata."""
+    from cnn import checkpoint
+
+    trained = load_model(checkpoint.path_for(run.path, step))
+    meta = metadata(trained)
+    return write_atomic(run.file(rundir.MODEL), to_safetensors(plain(trained.model), meta)), meta
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mnist-ddp export",

@@ -30,7 +30,7 @@ import string
 import subprocess
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -38,7 +38,7 @@ import torch.distributed as dist
 from cnn import console
 from cnn.config import WandbConfig
 from cnn.perf import Roofline
-from cnn.rundir import MODEL, RunDir
+from cnn.rundir import RunDir
 
 GRID_IMAGES = 32  # test images shown with their predicted and true labels
 STEP_KEY = "global_step"  # the x-axis of every namespaced metric: optimizer steps over the whole job
@@ -98,8 +98,9 @@ class NullTracker:
 
 class Tracker(NullTracker):
     def __init__(self, run: RunDir, config_yaml: str, cfg: WandbConfig, config: dict[str, Any],
-                 job_type: str = "train") -> None:
+                 job_type: str = "train", model_file: Callable[[int], tuple[Path, dict[str, str]]] | None = None) -> None:
         self.run = run.create()
+        self.model_file = model_file  # step -> (the weights file, its metadata): what wandb.log_model publishes
         self.run.write_config(config_yaml)
         self.metrics = run.metrics_log()
         self._wandb = None
@@ -201,16 +202,13 @@ class Tracker(NullTracker):
 
     def _log_model(self, values: dict[str, Any]) -> None:
         """The final checkpoint's weights as a W&B model artifact, aliases latest and best (the only
-        weights a run publishes are its final ones); `values` (the summary) gets its name."""
+        weights a run publishes are its final ones); `values` (the summary) gets its name.  The file
+        comes from `model_file` (train_ddp.py passes cnn.export.model_file: the export's owner writes it)."""
         import wandb
 
-        from cnn import checkpoint, export
-        from cnn.files import write_atomic
-        from cnn.inference import load_model
-
-        trained = load_model(checkpoint.path_for(self.run.path, values["steps"]))
-        meta = export.metadata(trained)
-        path = write_atomic(self.run.file(MODEL), export.to_safetensors(export.plain(trained.model), meta))
+        if self.model_file is None:
+            return
+        path, meta = self.model_file(values["steps"])
         artifact = wandb.Artifact(f"model-{self.run_id}", type="model",
                                   metadata={**meta, "test_accuracy": values.get("test_accuracy")})
         artifact.add_file(str(path))
@@ -279,9 +277,10 @@ def _new_run_id() -> str:
 
 
 def make_tracker(is_main: bool, run: RunDir, config_yaml: str, cfg: WandbConfig, config: dict[str, Any],
-                 job_type: str = "train") -> NullTracker:
+                 job_type: str = "train", model_file: Callable[[int], tuple[Path, dict[str, str]]] | None = None
+                 ) -> NullTracker:
     """The run's resolved config, metrics and W&B run on rank 0; a NullTracker elsewhere."""
-    return Tracker(run, config_yaml, cfg, config, job_type) if is_main else NullTracker()
+    return Tracker(run, config_yaml, cfg, config, job_type, model_file) if is_main else NullTracker()
 
 
 def git_commit() -> str:

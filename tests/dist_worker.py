@@ -1,4 +1,4 @@
-"""One rank of tests/test_startup.py's two-process job: the start-up path of cnn/distributed.py and
+"""One rank of tests/test_startup.py's two-process job: the start-up path of cnn/distributed/ and
 cnn/precision.py with gloo, driven directly (no trainer).  Launched with torchrun's variables set.
 
 Rank 1 stands for a rank whose first step is slow (a cold torch.compile): it sleeps SLOW_S, longer than

@@ -58,7 +58,7 @@ def test_peak_is_measured_in_the_arithmetic_the_run_uses(monkeypatch):
     assert peak_basis("fp32", "cpu", tf32_cudnn=True) == "fp32"
     assert peak_basis("fp16", "cuda", tf32_cudnn=True) == "fp16"
     seen = []
-    monkeypatch.setattr(perf, "matmul_peak_gflops", lambda device, dtype: seen.append(dtype) or 100.0)
+    monkeypatch.setattr(perf.roofline, "matmul_peak_gflops", lambda device, dtype: seen.append(dtype) or 100.0)
     monkeypatch.setattr(perf.dist, "all_reduce", lambda t, **kw: None)  # one rank
     roof = perf.job_roofline(torch.device("cpu"), "bf16")
     assert seen == [torch.bfloat16] and roof.measured_gflops == 100.0 and roof.datasheet_gflops is None
