@@ -6,7 +6,7 @@ iteration (Jordan et al. 2024, https://kellerjordan.github.io/posts/muon/; the s
 iteration as torch.optim.Muon, which takes only 2-D parameters) on the weight flattened
 to out_channels x (in_channels * kh * kw).  Every other parameter (conv1, the biases, the
 two linear layers) stays with Adam.  Measured over the first 29,952 images (234 steps of
-128; README, "Sample efficiency"): 98.63-98.80% test accuracy with Adam alone, 98.93-99.04%
+128; docs/performance.md, "Sample efficiency"): 98.63-98.80% test accuracy with Adam alone, 98.93-99.04%
 with Muon on the convs, 99.16-99.32% with label smoothing 0.1 on top (the default recipe).
 Muon on the 2048x625 layer helped as much but cost ~4x the step on a CPU (its Newton-Schulz
 products outweigh a batch of 128 images); on the convs it costs ~5%.  muon_lr=0 is Adam
