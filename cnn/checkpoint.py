@@ -33,6 +33,7 @@ import torch
 from cnn import distributed
 from cnn.files import write_atomic
 from cnn.model import CNN
+from cnn.precision import NAMES as PRECISIONS
 from cnn.rundir import CONFIG, RunDir, of_checkpoint
 
 FORMAT_VERSION = 1
@@ -192,7 +193,7 @@ def recorded_precision(state: dict[str, Any] | None) -> str | None:
     """The precision a checkpoint's run computed in (fp32 | bf16 | fp16), if the checkpoint records it."""
     rec = (state or {}).get("precision")
     resolved = rec.get("resolved") if isinstance(rec, dict) else None
-    return resolved if resolved in ("fp32", "bf16", "fp16") else None
+    return resolved if resolved in PRECISIONS else None
 
 
 def run_precision(state: dict[str, Any], path: Path) -> tuple[str, str]:
@@ -205,14 +206,14 @@ def run_precision(state: dict[str, Any], path: Path) -> tuple[str, str]:
     if (name := recorded_precision(state)) is not None:
         return name, "recorded in the checkpoint"
     asked = (state.get("config") or {}).get("precision", "auto")
-    if asked in ("fp32", "bf16", "fp16"):
+    if asked in PRECISIONS:
         return asked, "the run's precision setting; this checkpoint predates the recorded precision"
     run = of_checkpoint(path)
     try:
         starts = [r for r in run.read_metrics("start") if r.get("step", 0) <= state["step"]]
     except (OSError, ValueError):
         starts = []
-    if starts and starts[-1].get("precision") in ("fp32", "bf16", "fp16"):
+    if starts and starts[-1].get("precision") in PRECISIONS:
         return starts[-1]["precision"], f"what precision=auto chose, from {run.path / 'metrics.jsonl'}; this checkpoint " \
                                         "predates the recorded precision"
     return "fp32", ("unknown: a precision=auto checkpoint that predates the recorded precision, without its run's "

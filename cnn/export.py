@@ -46,7 +46,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from cnn import console, precision, rundir
+from cnn import checkpoint, console, precision, rundir
 from cnn.checkpoint import CheckpointError
 from cnn.files import write_atomic
 from cnn.inference import Trained, load_model
@@ -191,8 +191,6 @@ def build(trained: Trained, formats: Sequence[str], prec: str = "fp32") -> dict[
 def model_file(run: rundir.RunDir, step: int) -> tuple[Path, dict[str, str]]:
     """The weights of `run`'s checkpoint of `step` as the run folder's model.safetensors (what the W&B
     model artifact publishes: cnn.tracking), and their metadata."""
-    from cnn import checkpoint
-
     trained = load_model(checkpoint.path_for(run.path, step))
     meta = metadata(trained)
     return write_atomic(run.file(rundir.MODEL), to_safetensors(plain(trained.model), meta)), meta

@@ -61,7 +61,6 @@ def test_run_name_says_what_differs():
 
 def test_wandb_run_is_named_grouped_namespaced_with_system_metrics(observed):
     prec = rundir.read_summary(observed.dir)["precision"]  # what precision=auto chose on this machine
-    assert prec in ("fp32", "bf16")
     assert wr.run_info(observed.recs) == {"name": f"ws2-{prec}-b64-lr4e-3-s0", "group": "obs-test", "job_type": "train"}
     hist = wr.history(observed.recs)
     keys = {k for h in hist for k in h}

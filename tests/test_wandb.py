@@ -73,7 +73,6 @@ def test_offline_run_and_its_restart_are_one_run(mnist_root, tmp_path):
     recs = wr.records(files[-1])
     # named after what sets it apart; no group although torchrun gave the job a run id (wandb.group is unset)
     prec = read_summary(tmp_path)["precision"]  # what precision=auto chose on this machine
-    assert prec in ("fp32", "bf16")
     assert wr.run_info(recs) == {"name": f"ws2-{prec}-b64-lr4e-3-s0", "group": "", "job_type": "train"}
     cfg = wr.config(recs)
     assert cfg["world_size"] == 2 and cfg["train"]["batch_size"] == 64 and cfg["precision"] == prec
