@@ -27,7 +27,6 @@ import signal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from cnn import checkpoint, config, console, distributed, export, fault, perf, precision, rundir
 from cnn.config import Config, ConfigError
@@ -89,12 +88,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         start_step = state["step"]
         out.info(f"resumed from step {start_step} (epoch {state['epoch']}, step {state['step_in_epoch']} of it), "
                  f"saved at world size {state.get('world_size')}")
-    ddp = DDP(
-        raw,
-        device_ids=[d.device.index] if d.device.type == "cuda" else None,
-        gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
-        static_graph=True,  # same graph every step: lets DDP skip per-step unused-parameter search
-    )
+    ddp = distributed.wrap(raw, d.device, train_set.images[:per_rank], prec.autocast)  # buckets in their final layout
     model = torch.compile(ddp, mode=cfg.train.compile_mode) if cfg.train.compile else ddp
     run_eval = functools.partial(evaluate, raw, test_set, d.rank, d.world_size, cfg.train.eval_batch_size, prec.autocast)
 
