@@ -104,6 +104,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     saving = (run.path, cfg.checkpoint.keep, raw, opt, prec.scaler, config_dict, d.world_size, spe,
               precision.record(cfg.precision, prec))
     saver, emergency = checkpoint.make_saver(d.is_main, *saving), checkpoint.make_emergency_saver(d.backend, *saving)
+    watchdog = distributed.make_watchdog(cfg.dist.watchdog, cfg.dist.init_timeout_s, d.rank)  # the first step's allowance
     exit_code, intact = 1, None  # intact: the completed step the live model and optimizer hold (None: not one)
     try:
         tracker.truncate_after(start_step)  # records of an attempt that died after its last checkpoint (or before the first)
@@ -116,6 +117,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         syncs = perf.SyncCheck(cfg.train.sync_debug, d.device)
         intact = step
         while step < total_steps:
+            watchdog.beat(step)
             syncs.forbid()  # train.sync_debug: a host-device sync from here to a log point raises
             epoch, s = divmod(step, spe)
             if s == 0 or share is None:
@@ -140,6 +142,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             out.advance()
             if step == start_step + 1:  # compiled and warm: from here a silent rank is a dead one
                 distributed.end_warmup(cfg.dist.timeout_s, d.device, d.cpu_group)
+                watchdog.set_timeout(cfg.dist.timeout_s)
             profiler.step(step)
 
             # what this step boundary does
@@ -178,6 +181,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             if do_log:
                 window.restart_clock()
         out.close()
+        watchdog.beat(step, cfg.dist.init_timeout_s)  # the final evaluation and outputs
 
         # ---- final evaluation and summary (a finished run started again evaluates here)
         final = last_eval if last_eval is not None and last_eval.predictions is not None else run_eval(keep_predictions=True)
@@ -187,9 +191,11 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         return exit_code
     except RuntimeError as exc:  # a peer gone: this replica still holds the last completed step
         if intact is not None and distributed.collective_failure(exc):
+            watchdog.beat(intact)
             save_emergency(emergency, intact, progress, tracker, run, d.rank)
         raise
     finally:
+        watchdog.stop()
         tracker.finish(exit_code)
 
 

@@ -130,6 +130,8 @@ class DistConfig:
     """Collective timeout in seconds from start-up through the first training step (rendezvous, torch.compile)."""
     data_timeout_s: int = 1800
     """Seconds the other ranks wait at the barrier while local rank 0 fetches MNIST."""
+    watchdog: bool = True
+    """A rank with no step for timeout_s + 5 s (init_timeout_s before the first) prints its stacks and exits 1; false for debuggers."""
 
 
 @dataclass
