@@ -169,11 +169,12 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                 last_eval = run_eval(keep_predictions=step == total_steps)  # the last is also the final evaluation
                 progress.record_eval(last_eval.accuracy)
                 progress.log_eval(tracker, out, peak, step, epoch, epoch_end, last_eval, train_loss, train_acc)
-            if do_save:
+            if do_save or stop_signal:
+                watchdog.beat(step, cfg.checkpoint.save_timeout_s if stop_signal else None)
+                fault.slow_save(cfg.checkpoint, d.rank, step)
                 out.info(f"checkpoint {saver.save(step, progress_state(progress, tracker))}")
             if stop_signal:
-                if not do_save:
-                    out.info(f"checkpoint {saver.save(step, progress_state(progress, tracker))}")
+                distributed.wait_for_rank0(cfg.checkpoint.save_timeout_s, d.cpu_group)  # its checkpoint written
                 out.info(f"{signal.Signals(stop_signal).name}: stopped at step {step} with a checkpoint; "
                          f"re-run with run.dir={run} to resume")
                 exit_code = 128 + stop_signal  # 130 Ctrl-C, 143 SIGTERM: the shell's convention

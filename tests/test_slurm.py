@@ -112,25 +112,43 @@ PREEMPTIBLE = ("data.train_subset=3840", "train.batch_size=64", "train.epochs=1"
                "train.roofline=false", "data.test_subset=1000")
 
 
+# Rank 0's checkpoint writes wait SLOW_SAVE_S (a slow shared filesystem), longer than the cluster's
+# KillWait (10 s): a rank that exited at the stop would get the step killed before the write ends.
+SLOW_SAVE_S = 15
+SLOW_SAVE = ("checkpoint.fault_kind=slow_save", "checkpoint.fault_step=1", f"checkpoint.fault_delay_s={SLOW_SAVE_S}")
+
+
+def _preempt_after(cluster, job, metrics, step, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (metrics.exists() and f'"step": {step}' in metrics.read_text()):
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+
+
+def _assert_resumed_from_the_slowed_stop_checkpoint(log):
+    stopped = re.search(r"SIGTERM: stopped at step (\d+)", log)
+    assert stopped and int(stopped.group(1)) >= 20, log[-3000:]
+    step = stopped.group(1)
+    assert f"fault injection: rank 0 delays the checkpoint write of step {step} by {SLOW_SAVE_S} s" in log, log[-3000:]
+    assert f"resumed from step {step}" in log, "the stop checkpoint was lost: restarted from scratch"
+    return int(step)
+
+
 def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_path):
-    """multinode_torchrun.sbatch on 2 nodes, preempted (USR1 to the batch shell) after step 20:
-    checkpoint, requeue, resume, and the job completes as an uninterrupted one would."""
-    args = [f"data.root={mnist_root}", *PREEMPTIBLE, "wandb.mode=offline"]
+    """multinode_torchrun.sbatch on 2 nodes, preempted (USR1 to the batch shell) after step 20
+    while rank 0's checkpoint writes are slowed (SLOW_SAVE): every rank waits for the stop
+    checkpoint, requeue, resume from it, and the job completes as an uninterrupted one would."""
+    args = [f"data.root={mnist_root}", *PREEMPTIBLE, "wandb.mode=offline", *SLOW_SAVE]
     proc = sbatch(cluster, tmp_path, "multinode_torchrun.sbatch", *args, options=["--nodes=2"])
     assert proc.returncode == 0, proc.stderr
     job = proc.stdout.strip().split(";")[0]
     metrics = tmp_path / "runs" / job / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and not (metrics.exists() and '"step": 20' in metrics.read_text()):
-        time.sleep(0.3)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=cluster, check=True)
+    _preempt_after(cluster, job, metrics, 20)
     info = wait(cluster, job, timeout=300)
     log = (tmp_path / f"slurm-{job}.out").read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
     assert f"preemption signal: checkpointing job {job}" in log and f"requeueing {job} (requeue 1 of at most 3)" in log
-    stopped = re.search(r"SIGTERM: stopped at step (\d+)", log)
-    assert stopped and int(stopped.group(1)) >= 20, log[-3000:]
-    assert f"resumed from step {stopped.group(1)}" in log, "restarted from scratch instead of the checkpoint"
+    _assert_resumed_from_the_slowed_stop_checkpoint(log)
     assert "restart 1:" in log  # SLURM_RESTART_COUNT=1 in the requeued run
     assert "training step finished with exit code 0" in log
     s = read_summary(tmp_path / "runs" / job)
@@ -146,6 +164,49 @@ def test_preemption_checkpoints_requeues_and_resumes(cluster, mnist_root, tmp_pa
     steps = [r["step"] for r in read_metrics(metrics, "train")]
     assert steps == sorted(set(steps))
 
+
+
+def test_srun_direct_preempted_during_a_slow_stop_checkpoint(cluster, mnist_root, tmp_path):
+    """srun_direct.sbatch (srun --kill-on-bad-exit=1 starts the ranks): the stop checkpoint takes
+    SLOW_SAVE_S on rank 0; rank 1 waits for it instead of exiting 143 at once, so the step is not
+    killed mid-write, and the requeued job resumes from it."""
+    args = [f"data.root={mnist_root}", *PREEMPTIBLE, "wandb.mode=disabled", *SLOW_SAVE]
+    proc = sbatch(cluster, tmp_path, "srun_direct.sbatch", *args, options=["--nodes=2", "--ntasks-per-node=1"])
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    _preempt_after(cluster, job, tmp_path / "runs" / job / "metrics.jsonl", 20)
+    info = wait(cluster, job, timeout=300)
+    log = (tmp_path / f"slurm-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    _assert_resumed_from_the_slowed_stop_checkpoint(log)
+    s = read_summary(tmp_path / "runs" / job)
+    assert s["launcher"] == "slurm" and s["world_size"] == 2 and s["steps"] == 60
+
+
+def test_hung_rank_under_srun_prints_its_stacks_and_ends_the_job(cluster, mnist_root, tmp_path):
+    """Rank 1 hangs at step 5 (srun_direct.sbatch, dist.timeout_s=5): rank 0's all-reduce times out
+    and it exits 1, rank 1's watchdog prints where it hangs and exits; the job ends within
+    dist.timeout_s + 10 s of the hang (SLURM alone: rank 0's exit, then KillWait before SIGKILL)."""
+    timeout_s = 5
+    proc = sbatch(cluster, tmp_path, "srun_direct.sbatch", *small(mnist_root), "checkpoint.fault_step=5",
+                  "checkpoint.fault_rank=1", "checkpoint.fault_kind=hang", f"dist.timeout_s={timeout_s}",
+                  options=["--nodes=2", "--ntasks-per-node=1"])
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    out = tmp_path / f"slurm-{job}.out"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and not (out.exists() and "rank 1 hangs at step 5" in out.read_text()):
+        time.sleep(0.2)
+    hung = time.monotonic()
+    info = wait(cluster, job, timeout=120)
+    seconds = time.monotonic() - hung
+    log = out.read_text()
+    print(f"hang -> job {info['JobState']}: {seconds:.1f} s (dist.timeout_s={timeout_s})")
+    assert info["JobState"] == "FAILED", log[-3000:]
+    assert seconds <= timeout_s + 10, (seconds, log[-3000:])
+    assert re.search(r"rank 1: no progress for \d+ s \(after step 5;", log), log[-3000:]
+    assert re.search(r'File ".*cnn/fault\.py", line \d+ in maybe_fault', log), log[-3000:]
+    assert "error: collective DDP gradient all-reduce (in backward) timed out after 5 s" in log, log[-3000:]
 
 
 def test_array_preempting_one_task_requeues_only_that_task(cluster, mnist_root, tmp_path):

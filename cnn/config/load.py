@@ -179,6 +179,8 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     )
     _check(c.fault_kind in FAULT_KINDS, "checkpoint.fault_kind",
            f"'{c.fault_kind}' is not one of {', '.join(FAULT_KINDS)}")
+    _check(c.fault_delay_s >= 0, "checkpoint.fault_delay_s", f"must be >= 0, got {c.fault_delay_s}")
+    _check(c.save_timeout_s >= 1, "checkpoint.save_timeout_s", f"must be >= 1, got {c.save_timeout_s}")
     # A checkpoint path is checked where it is read, on rank 0 (cnn.checkpoint.resume): other
     # nodes need not see the file, and their error arrives with rank 0's broadcast.
     _check(c.resume.strip() != "", "checkpoint.resume", "must be auto, never or a checkpoint path")

@@ -23,7 +23,7 @@ WANDB_FORBIDDEN = "/\\#?%:"  # characters W&B refuses in project, entity and gro
 WANDB_MODES = ("online", "offline", "disabled")
 
 
-FAULT_KINDS = ("kill", "raise", "hang")
+FAULT_KINDS = ("kill", "raise", "hang", "slow_save")
 
 
 class ConfigError(ValueError):
@@ -144,12 +144,16 @@ class CheckpointConfig:
     """How many of the newest checkpoints to keep."""
     resume: str = "auto"
     """auto (newest valid checkpoint in run.dir, else fresh) | never | a checkpoint path."""
+    save_timeout_s: int = 600
+    """At a SIGTERM / Ctrl-C stop, seconds every rank waits for rank 0 to write the checkpoint (slow shared filesystems)."""
     fault_step: int = 0
-    """Rehearse a failure: one rank SIGKILLs itself at this global step, first attempt only (0 = off)."""
+    """Rehearse a failure at this global step, first attempt only (0 = off): see fault_kind."""
     fault_rank: int = 0
     """The global rank that fault_step kills."""
     fault_kind: str = "kill"
-    """kill (SIGKILL, as the OOM killer) | raise (a Python exception) | hang (alive, never steps again)."""
+    """kill (SIGKILL, as the OOM killer) | raise (a Python exception) | hang (alive, never steps again) | slow_save (each checkpoint write from then on waits fault_delay_s)."""
+    fault_delay_s: int = 10
+    """slow_save: seconds fault_rank waits before each checkpoint write (a slow shared filesystem)."""
 
 
 @dataclass

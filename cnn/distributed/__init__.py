@@ -11,7 +11,7 @@ store, so DDP and the collectives run unchanged.  ``cleanup()`` is always safe t
 import torch.distributed as dist  # noqa: F401  (tests patch distributed.dist)
 
 from cnn.distributed.launch import first_slurm_host, slurm_port, Launch, tasks_per_node, launch_env, choose_gpu, pick_device, cpu_threads  # noqa: F401
-from cnn.distributed.group import Dist, set_cpu_threads, setup, set_timeout, end_warmup, cleanup, exit_process, once_per_node, SideGroupError, side_group_error, agree_error, on_rank0, broadcast_object  # noqa: F401
+from cnn.distributed.group import Dist, set_cpu_threads, setup, set_timeout, end_warmup, wait_for_rank0, cleanup, exit_process, once_per_node, SideGroupError, side_group_error, agree_error, on_rank0, broadcast_object  # noqa: F401
 from cnn.distributed.stop import StopRequest  # noqa: F401
 from cnn.distributed.ddp import wrap, settle_buckets  # noqa: F401
 from cnn.distributed.watchdog import Watchdog, NullWatchdog, make_watchdog  # noqa: F401

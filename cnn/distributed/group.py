@@ -107,6 +107,18 @@ def end_warmup(timeout_s: float, device: torch.device, cpu_group: dist.ProcessGr
         set_timeout(timeout_s, cpu_group)
 
 
+def wait_for_rank0(timeout_s: float, group: dist.ProcessGroup) -> None:
+    """Every rank waits here for rank 0, at most timeout_s (collective, on the gloo group `group`).
+
+    After a stop, rank 0 alone writes the checkpoint: a rank that exited at once with 143 would
+    let `srun --kill-on-bad-exit=1` (the SLURM templates) kill the step while rank 0 is still
+    writing to a slow shared filesystem, losing the stop checkpoint (the atomic write keeps only
+    the old one). The group's timeout is raised first: the job ends after this.
+    """
+    set_timeout(timeout_s, group)
+    dist.barrier(group=group)
+
+
 def _store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
     """The rendezvous store, with a prefix per torchrun restart attempt.
 

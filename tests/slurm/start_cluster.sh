@@ -87,7 +87,9 @@ MailProg=/bin/true
 ReturnToService=2
 JobRequeue=1
 MinJobAge=600
-KillWait=30
+# SIGTERM -> SIGKILL of a step's tasks (default 30): short, so that test_slurm.py's slowed stop
+# checkpoint (15 s) outlasts it, as a slow shared filesystem outlasts a real cluster's
+KillWait=10
 InactiveLimit=0
 # impossible requests fail at submit instead of pending forever
 EnforcePartLimits=ALL
