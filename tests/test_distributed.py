@@ -222,3 +222,107 @@ def test_exit_process_runs_atexit_handlers_then_skips_finalization():
     normal = subprocess.run([sys.executable, "-c", script.replace("exit_process(3)", "raise SystemExit(3)")],
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert normal.returncode == 3 and "finalized" in normal.stdout  # what a normal exit would have run
+
+
+# (case, environment, this host's interfaces in index order, GLOO_SOCKET_IFNAME or None, or the error's words)
+HOST = ["lo", "eth0", "ib0", "ib1", "docker0"]
+GLOO_CASES = [
+    ("NCCL_SOCKET_IFNAME unset: gloo's own choice", {}, HOST, None),
+    ("NCCL_SOCKET_IFNAME empty: as unset", {"NCCL_SOCKET_IFNAME": ""}, HOST, None),
+    ("GLOO_SOCKET_IFNAME set wins", {"NCCL_SOCKET_IFNAME": "ib", "GLOO_SOCKET_IFNAME": "eth0"}, HOST, "eth0"),
+    ("it wins even where NCCL's matches nothing", {"NCCL_SOCKET_IFNAME": "nope", "GLOO_SOCKET_IFNAME": "eth0"},
+     HOST, "eth0"),
+    ("a whole name is a prefix of itself", {"NCCL_SOCKET_IFNAME": "eth0"}, HOST, "eth0"),
+    ("a prefix", {"NCCL_SOCKET_IFNAME": "eth"}, HOST, "eth0"),
+    # NCCL bootstraps over the first match; gloo gets one interface, the same one
+    ("a prefix matching several: the first", {"NCCL_SOCKET_IFNAME": "ib"}, HOST, "ib0"),
+    ("the host's order, not the list's", {"NCCL_SOCKET_IFNAME": "ib,eth"}, HOST, "eth0"),
+    ("=: exact names", {"NCCL_SOCKET_IFNAME": "=ib1"}, HOST, "ib1"),
+    ("=: a prefix is not a name", {"NCCL_SOCKET_IFNAME": "=ib"}, HOST, "matches none of this host's interfaces"),
+    ("=: several names", {"NCCL_SOCKET_IFNAME": "=ib1,eth0"}, HOST, "eth0"),
+    ("name:port, as NCCL reads it", {"NCCL_SOCKET_IFNAME": "=ib1:5000"}, HOST, "ib1"),
+    ("^: exclusion leaving one", {"NCCL_SOCKET_IFNAME": "^docker,lo"}, ["lo", "eth0", "docker0"], "eth0"),
+    ("^: exclusion leaving several is ambiguous", {"NCCL_SOCKET_IFNAME": "^docker,lo"}, HOST,
+     "leaves several interfaces (eth0, ib0, ib1)"),
+    ("^=: exact exclusion", {"NCCL_SOCKET_IFNAME": "^=lo,docker"}, ["lo", "docker0", "eth0"],
+     "leaves several interfaces (docker0, eth0)"),
+    ("^=: exact exclusion leaving one", {"NCCL_SOCKET_IFNAME": "^=lo,docker0"}, ["lo", "docker0", "eth0"], "eth0"),
+    ("^: excluding everything", {"NCCL_SOCKET_IFNAME": "^e,lo,ib,d"}, HOST, "excludes every interface"),
+    ("nothing matches", {"NCCL_SOCKET_IFNAME": "enp"}, HOST, "matches none of this host's interfaces "
+     "(lo, eth0, ib0, ib1, docker0)"),
+]
+
+
+@pytest.mark.parametrize("case, env, interfaces, want", GLOO_CASES, ids=[c[0] for c in GLOO_CASES])
+def test_gloo_socket_ifname_follows_nccl(case, env, interfaces, want):
+    from cnn.distributed.launch import gloo_socket_ifname
+
+    if want is None or want in interfaces:
+        assert gloo_socket_ifname(env, interfaces) == want
+        return
+    with pytest.raises(ValueError) as err:
+        gloo_socket_ifname(env, interfaces)
+    msg = str(err.value)
+    assert want in msg and "\n" not in msg
+    assert f"NCCL_SOCKET_IFNAME={env['NCCL_SOCKET_IFNAME']!r}" in msg and "GLOO_SOCKET_IFNAME" in msg
+
+
+def test_follow_nccl_skips_interfaces_without_an_address(monkeypatch):
+    """As NCCL does: an interface with no address (ib0 down) is not one gloo could bind to."""
+    from cnn.distributed import launch
+
+    monkeypatch.setattr(launch.socket, "if_nameindex", lambda: [(1, "lo"), (2, "ib0"), (3, "ib1")])
+    monkeypatch.setattr(launch, "_has_address", lambda name: name != "ib0")
+    env = {"NCCL_SOCKET_IFNAME": "ib"}
+    assert launch.follow_nccl_socket_ifname(env) == "ib1" and env["GLOO_SOCKET_IFNAME"] == "ib1"
+    env = {"NCCL_SOCKET_IFNAME": "ib", "GLOO_SOCKET_IFNAME": "ib0"}
+    assert launch.follow_nccl_socket_ifname(env) == "ib0" and env["GLOO_SOCKET_IFNAME"] == "ib0"
+    env = {}
+    assert launch.follow_nccl_socket_ifname(env) is None and env == {}
+
+
+@pytest.fixture
+def two_rank_launch(fake_cuda, monkeypatch):
+    """Rank 1 of 2 under torchrun, with the rendezvous store faked; GLOO_SOCKET_IFNAME as it was at
+    init_process_group is recorded, and whatever setup() sets is removed afterwards."""
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "x")
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME")  # now restored to unset after the test, whatever setup() did
+    from cnn.distributed import group
+
+    monkeypatch.setattr(group, "_store", lambda *args: None)
+    seen = []
+    monkeypatch.setattr(distributed.dist, "init_process_group",
+                        lambda backend, **kw: seen.append(os.environ.get("GLOO_SOCKET_IFNAME")))
+    return seen
+
+
+def test_setup_points_gloo_at_the_nccl_interface(two_rank_launch, monkeypatch):
+    """Only NCCL_SOCKET_IFNAME set (multi-homed nodes): gloo -- the side group, the MNIST barrier --
+    binds to the same interface instead of what the hostname resolves to."""
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "lo")  # the one interface every host has
+    distributed.setup("cuda")
+    assert two_rank_launch == ["lo"]
+
+
+def test_setup_refuses_an_nccl_interface_this_host_lacks(two_rank_launch, monkeypatch):
+    monkeypatch.setenv("NCCL_SOCKET_IFNAME", "=no-such-if0")
+    with pytest.raises(ValueError, match="NCCL_SOCKET_IFNAME='=no-such-if0' matches none"):
+        distributed.setup("cuda")
+    assert two_rank_launch == []  # before the process group
+
+
+def test_train_ddp_turns_the_interface_error_into_one_line(tmp_path):
+    """train_ddp.main: a ValueError from setup() is one line and exit 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RANK", "WORLD_SIZE", "SLURM_", "GLOO_"))}
+    env.update({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "29500", "NCCL_SOCKET_IFNAME": "=no-such-if0", "CUDA_VISIBLE_DEVICES": ""})
+    # short timeouts: without the check, rank 0 would wait for rank 1 at the rendezvous
+    proc = subprocess.run([sys.executable, str(REPO / "train_ddp.py"), "device=cpu", f"run.dir={tmp_path / 'run'}",
+                           "dist.timeout_s=5", "dist.init_timeout_s=5"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [l for l in proc.stderr.splitlines() if "NCCL_SOCKET_IFNAME" in l]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr

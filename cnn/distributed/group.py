@@ -13,7 +13,7 @@ from typing import Any, Callable, NoReturn
 
 import torch
 import torch.distributed as dist
-from cnn.distributed.launch import cpu_threads, first_slurm_host, launch_env, pick_device, slurm_port
+from cnn.distributed.launch import cpu_threads, first_slurm_host, follow_nccl_socket_ifname, launch_env, pick_device, slurm_port
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,7 @@ def setup(device: str = "auto", init_timeout_s: float = 600.0) -> Dist:
         if launcher == "slurm":
             os.environ.setdefault("MASTER_ADDR", first_slurm_host())
             os.environ.setdefault("MASTER_PORT", str(slurm_port()))
+        follow_nccl_socket_ifname()  # gloo on NCCL's interface when only NCCL_SOCKET_IFNAME is set; ValueError if none
         dist.init_process_group(backend, store=_store(rank, world_size, timeout), rank=rank, world_size=world_size,
                                 timeout=timeout)
     # Created once here (new_group is collective: every rank calls setup() in the same order).

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
-from typing import Mapping, NamedTuple
+from typing import Mapping, MutableMapping, NamedTuple, Sequence
 
 import torch
 
@@ -40,10 +41,15 @@ def first_slurm_host() -> str:
     return out.split()[0]
 
 
-def slurm_port() -> int:
+def slurm_port(env: Mapping[str, str] = os.environ) -> int:
     """A port derived from the job id, so concurrent jobs on shared nodes don't collide
-    (slurm/common.sh's job_port, for the torchrun templates, is the same formula)."""
-    return 20000 + int(os.environ.get("SLURM_JOB_ID", "0")) % 20000
+    (slurm/common.sh's job_port, for the torchrun templates, is the same formula).
+
+    20000..31999: below Linux's ephemeral range (net.ipv4.ip_local_port_range, 32768-60999 by
+    default), from which the kernel hands out the local ports of outgoing connections -- a
+    rendezvous port in there can already be taken by any client socket on the node (the old
+    20000 + id % 20000 reached 39999)."""
+    return 20000 + int(env.get("SLURM_JOB_ID", "0")) % 12000
 
 
 class Launch(NamedTuple):
@@ -169,3 +175,87 @@ def cpu_threads(requested: int, launcher: str, local_world_size: int, default: i
         why = f"SLURM_CPUS_PER_TASK={cpus}" + (f" shared by {sharing} local ranks" if sharing > 1 else "")
         return max(1, min(default, int(cpus) // sharing)), why
     return default, "torch's default: the CPUs this process may run on"
+
+
+def _nccl_matches(name: str, prefixes: list[str], exact: bool) -> bool:
+    return any(name == p if exact else name.startswith(p) for p in prefixes)
+
+
+def gloo_socket_ifname(env: Mapping[str, str], interfaces: Sequence[str]) -> str | None:
+    """What GLOO_SOCKET_IFNAME should be so that gloo uses NCCL's interface; None: leave gloo alone.
+
+    gloo (the CPU side group, the MNIST barrier, CPU runs) binds to what the hostname resolves to
+    unless GLOO_SOCKET_IFNAME names interfaces: exact names, comma-separated, one gloo device each
+    (ProcessGroupGloo.cpp, Options::create_default: split(',', GLOO_SOCKET_IFNAME) ->
+    createDeviceForInterface).  NCCL_SOCKET_IFNAME is a list of prefixes, `=` first for exact names,
+    `^` first to exclude (NCCL's env docs; `^=` excludes exact names).  `interfaces` are this host's
+    (in socket.if_nameindex() order, by interface index as getifaddrs lists them to NCCL;
+    follow_nccl_socket_ifname() passes those with an address, as NCCL skips the others).
+
+    - GLOO_SOCKET_IFNAME set: it wins, returned as it is; NCCL_SOCKET_IFNAME unset: None.
+    - a list of names or prefixes: the first interface it matches (NCCL bootstraps over the first
+      match too; one gloo device, as one interface is all the side group needs).
+    - an exclusion: the interface left, if exactly one is.
+    ValueError, one line naming what to set, when nothing matches or an exclusion leaves several.
+    """
+    if env.get("GLOO_SOCKET_IFNAME"):
+        return env["GLOO_SOCKET_IFNAME"]
+    spec = env.get("NCCL_SOCKET_IFNAME", "")
+    if not spec:
+        return None
+    rest = spec
+    exclude = rest.startswith("^")
+    rest = rest[1:] if exclude else rest
+    exact = rest.startswith("=")
+    rest = rest[1:] if exact else rest
+    # NCCL also reads "name:port" entries; the port is not part of the name
+    prefixes = [re.sub(r":\d+$", "", p) for p in rest.split(",") if p]
+    names = list(interfaces)
+    have = ", ".join(names) or "none"
+    if exclude:
+        left = [n for n in names if not _nccl_matches(n, prefixes, exact)]
+        if len(left) == 1:
+            return left[0]
+        if left:
+            raise ValueError(f"NCCL_SOCKET_IFNAME={spec!r} leaves several interfaces ({', '.join(left)}) and gloo "
+                             f"takes exact names: set GLOO_SOCKET_IFNAME to the one the nodes share")
+        raise ValueError(f"NCCL_SOCKET_IFNAME={spec!r} excludes every interface of this host ({have}): set "
+                         f"NCCL_SOCKET_IFNAME and GLOO_SOCKET_IFNAME to the one the nodes share")
+    for name in names:
+        if _nccl_matches(name, prefixes, exact):
+            return name
+    raise ValueError(f"NCCL_SOCKET_IFNAME={spec!r} matches none of this host's interfaces ({have}): set it, "
+                     f"or GLOO_SOCKET_IFNAME for gloo, to the one the nodes share")
+
+
+def _has_address(name: str) -> bool:
+    """Whether interface `name` has an IPv4 address or a non-loopback IPv6 one: the interfaces NCCL
+    and gloo can bind to (NCCL skips the others)."""
+    import fcntl
+    import struct
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+        return True
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:  # address, index, prefix length, scope, flags, name
+            return any(cols[5] == name and cols[0] != "0" * 31 + "1" for cols in map(str.split, f) if len(cols) == 6)
+    except OSError:
+        return False
+
+
+def follow_nccl_socket_ifname(env: MutableMapping[str, str] = os.environ) -> str | None:
+    """Before the process group exists: when only NCCL_SOCKET_IFNAME is set, set GLOO_SOCKET_IFNAME
+    to the interface NCCL uses (gloo_socket_ifname()), so that gloo does not bind to whatever the
+    hostname resolves to (127.0.1.1 on a stock Debian/Ubuntu /etc/hosts).  Returns the value gloo
+    will use (None: gloo's own choice); ValueError, one line, when there is none to give it."""
+    if env.get("GLOO_SOCKET_IFNAME") or not env.get("NCCL_SOCKET_IFNAME"):
+        return env.get("GLOO_SOCKET_IFNAME") or None
+    names = [name for _, name in socket.if_nameindex()]
+    value = gloo_socket_ifname(env, [n for n in names if _has_address(n)])
+    if value:
+        env["GLOO_SOCKET_IFNAME"] = value
+    return value
