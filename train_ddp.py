@@ -105,6 +105,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
               precision.record(cfg.precision, prec))
     saver, emergency = checkpoint.make_saver(d.is_main, *saving), checkpoint.make_emergency_saver(d.backend, *saving)
     watchdog = distributed.make_watchdog(cfg.dist.watchdog, cfg.dist.init_timeout_s, d.rank)  # the first step's allowance
+    ops = perf.step_ops(cfg.train.count_ops, start_step)  # train.count_ops: host work of one step
     exit_code, intact = 1, None  # intact: the completed step the live model and optimizer hold (None: not one)
     try:
         tracker.truncate_after(start_step)  # records of an attempt that died after its last checkpoint (or before the first)
@@ -144,6 +145,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                 distributed.end_warmup(cfg.dist.timeout_s, d.device, d.cpu_group)
                 watchdog.set_timeout(cfg.dist.timeout_s)
             profiler.step(step)
+            ops.step(step)
 
             # what this step boundary does
             epoch_end = step % spe == 0 or step == total_steps
@@ -182,12 +184,13 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             if do_log:
                 window.restart_clock()
         out.close()
+        ops.close()  # a run shorter than the counted step
         watchdog.beat(step, cfg.dist.init_timeout_s)  # the final evaluation and outputs
 
         # ---- final evaluation and summary (a finished run started again evaluates here)
         final = last_eval if last_eval is not None and last_eval.predictions is not None else run_eval(keep_predictions=True)
         report(final, d.world_size, run, tracker, out, (test_x, test_y),
-               {**progress.summarize(final, total_steps, spe, peak, d.device), **replays.facts(), **facts})
+               {**progress.summarize(final, total_steps, spe, peak, d.device), **replays.facts(), **ops.facts(), **facts})
         exit_code = 0
         return exit_code
     except RuntimeError as exc:  # a peer gone: this replica still holds the last completed step
@@ -196,6 +199,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             save_emergency(emergency, intact, progress, tracker, run, d.rank)
         raise
     finally:
+        ops.close()
         watchdog.stop()
         tracker.finish(exit_code)
 

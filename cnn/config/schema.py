@@ -88,6 +88,8 @@ class TrainConfig:
     """Per log window, gather each rank's compute time, all-reduce wait (ms/step) and memory: spread, slowest rank, straggler warning."""
     profile_steps: list[int] = field(default_factory=list)
     """[START, END]: a torch.profiler trace of global steps START..END (from 1, inclusive) per rank in run.dir/profile/; [] = off."""
+    count_ops: bool = False
+    """Count the aten ops one training step dispatches (this process's fourth) into summary.json ops_per_step; slows that step."""
     debug_delay_ms: float = 0.0
     """For tests: rank debug_delay_rank sleeps this many milliseconds in every backward (a rehearsed straggler; 0 = off)."""
     debug_delay_rank: int = 0
