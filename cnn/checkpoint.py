@@ -44,7 +44,8 @@ REQUIRED = ("format_version", "model", "optimizer", "scaler", "step", "epoch", "
 RESUME_MUST_MATCH = ("seed", "model", "optim", "data.train_subset", "train.batch_size", "train.epochs")
 # Keys added to those sections after checkpoints were written, with the value that a saved
 # config without the key trained with: such a checkpoint still resumes when it matches.
-ADDED_KEYS = {"optim.muon_lr": 0.0, "optim.label_smoothing": 0.0}  # before them: Adam for everything, no smoothing
+ADDED_KEYS = {"optim.muon_lr": 0.0, "optim.label_smoothing": 0.0,  # before them: Adam for everything, no smoothing
+              "optim.muon_ns_steps": 5}  # before it: 5 Newton-Schulz iterations
 
 
 class CheckpointError(RuntimeError):

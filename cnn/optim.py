@@ -57,8 +57,8 @@ class Muon(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM) -> None:
-        super().__init__(params, {"lr": lr, "momentum": momentum})
+    def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM, ns_steps: int = NS_STEPS) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "ns_steps": ns_steps})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -81,7 +81,7 @@ class Muon(torch.optim.Optimizer):
                 new_buf.add_(p.grad)
                 update = p.grad.add(new_buf, alpha=group["momentum"])  # Nesterov
                 rows = update.shape[0]
-                ortho = newton_schulz(update.reshape(rows, -1))
+                ortho = newton_schulz(update.reshape(rows, -1), group.get("ns_steps", NS_STEPS))
                 # scaled as the paper: sqrt(max(1, rows / cols)); 1 for conv2 (64x288) and conv3 (128x576)
                 scale = max(1.0, rows / ortho.shape[1]) ** 0.5
                 if found_inf is None:
@@ -169,7 +169,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
         return _adam(model.parameters(), cfg)
     muon = muon_params(model)
     ids = {id(p) for p in muon}
-    return AdamMuon(_adam([p for p in model.parameters() if id(p) not in ids], cfg), Muon(muon, lr=cfg.muon_lr))
+    return AdamMuon(_adam([p for p in model.parameters() if id(p) not in ids], cfg), Muon(muon, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps))
 
 
 def set_lr(opt: torch.optim.Optimizer | AdamMuon, step: int, total_steps: int, cfg: OptimConfig) -> None:

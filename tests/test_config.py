@@ -177,7 +177,7 @@ def test_help_lists_every_key_with_type_default_and_doc_from_the_schema(capsys):
 
 @pytest.mark.parametrize("argv, expected", [
     (["optim.learning_rate=0.002"], "unknown key 'optim.learning_rate'; did you mean 'optim.lr'? "
-                                    "(optim keys: lr, muon_lr, weight_decay, label_smoothing, schedule, warmup_frac)"),
+                                    "(optim keys: lr, muon_lr, muon_ns_steps, weight_decay, label_smoothing, schedule, warmup_frac)"),
     (["--optim.lr", "0.002"], "'--optim.lr 0.002' is not an override: write optim.lr=0.002"),
     (["--lr", "0.002"], "'--lr 0.002' is not an override: write optim.lr=0.002 ('lr' is not a key)"),
     (["optim.lr", "0.002"], "override 'optim.lr 0.002' has no '=': write optim.lr=0.002"),

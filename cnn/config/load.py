@@ -155,6 +155,7 @@ def validate(cfg: Config, world_size: int | None = None) -> None:
     _check(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
     _check(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(o.muon_lr >= 0, "optim.muon_lr", f"must be >= 0 (0 = Adam only), got {o.muon_lr}")
+    _check(o.muon_ns_steps >= 1, "optim.muon_ns_steps", f"must be >= 1, got {o.muon_ns_steps}")
     _check(0.0 <= o.label_smoothing < 1.0, "optim.label_smoothing", f"must be in [0, 1), got {o.label_smoothing}")
     _check(o.schedule in SCHEDULES, "optim.schedule", f"'{o.schedule}' is not one of {', '.join(SCHEDULES)}")
     _check(0.0 <= o.warmup_frac < 1.0, "optim.warmup_frac", f"must be in [0, 1), got {o.warmup_frac}")

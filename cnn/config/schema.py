@@ -104,6 +104,8 @@ class OptimConfig:
     """Peak Adam learning rate."""
     muon_lr: float = 0.02
     """Peak Muon learning rate for the weights of conv2 and conv3 (cnn/optim.py); 0 = Adam trains every parameter."""
+    muon_ns_steps: int = 5
+    """Newton-Schulz iterations per Muon update (each ~2 products of the conv2/conv3 weight's size)."""
     weight_decay: float = 0.0
     """Adam L2 weight decay."""
     label_smoothing: float = 0.1
