@@ -27,8 +27,8 @@ DATA_ROOT = Path(os.environ.get("MNIST_ROOT", REPO / "datasets"))
 # but silently stops grouping with pytest 9.2, pytest-xdist#1386). Files are handed out in the
 # order below, the longest first (pyproject's --no-loadscope-reorder keeps it), so that the two
 # workers finish together.
-LONGEST_FIRST = ("test_fault.py", "test_slurm.py", "test_bench.py", "test_train.py", "test_wandb.py", "test_numerics.py",
-                 "test_cli.py", "test_interrupt.py", "test_observe.py")
+LONGEST_FIRST = ("test_fault.py", "test_slurm.py", "test_hosts.py", "test_bench.py", "test_train.py", "test_wandb.py", "test_numerics.py",
+                 "test_cli.py", "test_interrupt.py", "test_observe.py", "test_multihomed.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

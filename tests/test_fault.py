@@ -2,6 +2,7 @@
 resume at another world size, checkpoint fallbacks and adaptations (Ctrl-C / SIGTERM:
 test_interrupt.py)."""
 
+import os
 import random
 import re
 import shutil
@@ -247,3 +248,37 @@ def test_explicit_checkpoint_needs_to_exist_on_rank_0_only(mnist_root, reference
     assert_ranks_ok(procs)
     assert f"resumed from step {STEPS}" in procs[0].stdout
     assert read_summary(tmp_path)["world_size"] == 2
+
+
+def test_a_worker_dies_with_its_torchrun_agent(mnist_root, tmp_path):
+    """torchrun starts its worker in a session of its own: SIGKILL of the agent alone (an OOM kill)
+    left the worker training, and an elastic job's other agents then waited 300 s at torchrun's
+    exit barrier. The worker now dies with its agent (cnn.distributed.group.die_with_agent)."""
+    agent = subprocess.Popen(torchrun(1, *smoke_args(mnist_root, tmp_path, "train.epochs=5")), cwd=REPO,
+                             env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (tmp_path / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        workers = [p for p in _processes_mentioning(str(tmp_path)) if p != agent.pid]
+        assert workers, "no worker started"
+        agent.kill()
+        agent.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in workers):
+            time.sleep(0.1)
+        assert not [p for p in workers if Path(f"/proc/{p}").exists() and not _zombie(p)], "the worker outlived its agent"
+    finally:
+        agent.kill()
+        for p in _processes_mentioning(str(tmp_path)):
+            try:
+                os.kill(p, 9)
+            except OSError:
+                pass
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return False

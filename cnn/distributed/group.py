@@ -6,6 +6,8 @@ from __future__ import annotations
 import atexit
 import gc
 import os
+import re
+import socket
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -56,6 +58,8 @@ def setup(device: str = "auto", init_timeout_s: float = 600.0) -> Dist:
     SkipCleanUp is documented as the mode for that case.
     """
     launcher, rank, local_rank, world_size, local_world_size, node_rank, num_nodes = launch_env()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        die_with_agent()
     dev = pick_device(device, local_rank, local_world_size, launcher)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)  # before init_process_group: NCCL binds to it
@@ -68,12 +72,71 @@ def setup(device: str = "auto", init_timeout_s: float = 600.0) -> Dist:
             os.environ.setdefault("MASTER_ADDR", first_slurm_host())
             os.environ.setdefault("MASTER_PORT", str(slurm_port()))
         follow_nccl_socket_ifname()  # gloo on NCCL's interface when only NCCL_SOCKET_IFNAME is set; ValueError if none
-        dist.init_process_group(backend, store=_store(rank, world_size, timeout), rank=rank, world_size=world_size,
-                                timeout=timeout)
+        try:
+            dist.init_process_group(backend, store=_store(rank, world_size, timeout), rank=rank,
+                                    world_size=world_size, timeout=timeout)
+        except RuntimeError as exc:
+            if _GLOO_CONNECT not in str(exc):
+                raise
+            raise ValueError(connect_error(exc, backend)) from None
     # Created once here (new_group is collective: every rank calls setup() in the same order).
-    cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    try:
+        cpu_group = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    except RuntimeError as exc:
+        if _GLOO_CONNECT not in str(exc):
+            raise
+        raise ValueError(connect_error(exc, "gloo")) from None
     return Dist(rank, local_rank, world_size, local_world_size, node_rank, num_nodes, dev, backend, launcher,
                 cpu_group)
+
+
+_GLOO_CONNECT = "connectFullMesh"  # gloo's message when its ranks cannot reach each other
+
+
+def connect_error(exc: BaseException, backend: str) -> str:
+    """One line for a gloo group whose ranks could not connect (a wrong interface, most often)."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    first = re.sub(r"\[/\S+/third_party/gloo/", "[gloo/", first)[:200]
+    where = f"; GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']}" if os.environ.get("GLOO_SOCKET_IFNAME") else ""
+    return (f"the ranks' {backend} group could not connect ({first}{where}). gloo binds to the interface this "
+            f"host's name resolves to ({_resolved_hostname()}); on a multi-homed node set GLOO_SOCKET_IFNAME (or "
+            f"NCCL_SOCKET_IFNAME, which gloo follows) to the interface the nodes share")
+
+
+def _resolved_hostname() -> str:
+    try:
+        name = socket.gethostname()
+        return f"{name} -> {socket.gethostbyname(name)}"
+    except OSError as exc:
+        return f"unresolvable: {exc}"
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_agent() -> None:
+    """Under a torchrun agent: this worker is SIGKILLed when the agent dies (Linux prctl
+    PR_SET_PDEATHSIG), as on a crashed host.
+
+    torchrun starts each worker in a session of its own, so a dead agent (OOM-killed, kill -9)
+    left its worker training alone; when the worker then finished, the surviving agents of an
+    elastic job waited torchrun's exit barrier for the dead one: 300 s (LocalElasticAgent's
+    exit_barrier_timeout, which torchrun exposes no flag for). Dying with the agent makes it the
+    host-crash case, which re-forms at once. No-op elsewhere; the agent starts workers from its
+    main thread, whose exit is what the kernel watches.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the agent died before the call
+        os._exit(1)
 
 
 def set_timeout(timeout_s: float, group: dist.ProcessGroup | None = None) -> None:
@@ -121,15 +184,21 @@ def wait_for_rank0(timeout_s: float, group: dist.ProcessGroup) -> None:
 
 
 def _store(rank: int, world_size: int, timeout: timedelta) -> dist.Store:
-    """The rendezvous store, with a prefix per torchrun restart attempt.
+    """The rendezvous store; with a prefix per torchrun restart attempt where the agent hosts it.
 
-    Under torchrun the agent hosts the store and keeps it across elastic
-    restarts; without a per-attempt prefix the restarted workers read the dead
-    attempt's gloo addresses and fail to connect ("Connection refused").
+    Under torchrun's default the agent hosts the store (TORCHELASTIC_USE_AGENT_STORE=True) and
+    keeps it across elastic restarts: without a per-attempt prefix the restarted workers read the
+    dead attempt's gloo addresses and fail to connect ("Connection refused").  Otherwise (a plain
+    launch, srun, or torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as an elastic
+    --nnodes=MIN:MAX job needs) rank 0 hosts a fresh store every attempt and there is nothing
+    stale to hide -- and no prefix is right: TORCHELASTIC_RESTART_COUNT is each agent's own count,
+    so a node that joins later (count 0) would never meet the others (count 1) under one.
     """
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(host, port, world_size, is_master=(rank == 0 and not agent_hosts), timeout=timeout)
+    if not agent_hosts:
+        return store
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"mnist-ddp/attempt-{attempt}", store)
 
