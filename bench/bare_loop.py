@@ -11,7 +11,8 @@ rank statistics, watchdog, sample hashes, progress line, evaluation or checkpoin
 run `--steps` steps and report images/s after the first `train.log_every` steps (the trainer's
 `steady_images_per_sec`: its log points' own work -- evaluation, W&B, checkpoints -- is outside
 its training clock, as it has no counterpart here; W&B's cost: bench/wandb_overhead.py). Every
-round runs each pair (trainer, bare) back to back, so a shared machine's drift hits both alike;
+round runs each pair back to back, trainer first in odd rounds and bare first in even ones (A B B A),
+so a shared machine's drift and any order effect hit both alike;
 the table gives medians and the median of the per-round ratios.
 """
 
@@ -95,22 +96,33 @@ def launch(nproc: int, entry: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry]
 
 
-def run_pair(nproc: int, prec: str, steps: int, root: str, tmp: Path) -> tuple[float, float]:
+def run_pair(nproc: int, prec: str, steps: int, root: str, tmp: Path, bare_first: bool) -> tuple[float, float]:
     common = ["--config", "configs/default.yaml", f"data.root={root}", f"precision={prec}", f"train.max_steps={steps}",
               "wandb.mode=disabled", "train.roofline=false"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     run_dir = tmp / f"run-{time.monotonic_ns()}"
-    trainer = subprocess.run(launch(nproc, ["train_ddp.py", *common, f"run.dir={run_dir}"]), cwd=REPO, env=env,
-                             capture_output=True, text=True)
-    if trainer.returncode != 0:
-        sys.exit(f"trainer failed:\n{trainer.stderr[-2000:]}")
-    ours = json.loads((run_dir / "summary.json").read_text())["steady_images_per_sec"]
-    loop = subprocess.run(launch(nproc, [str(Path(__file__).resolve()), "--bare", *common]), cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    if loop.returncode != 0:
-        sys.exit(f"bare loop failed:\n{loop.stderr[-2000:]}")
-    theirs = json.loads(loop.stdout.strip().splitlines()[-1])["images_per_sec"]
+
+    def trainer() -> float:
+        proc = subprocess.run(launch(nproc, ["train_ddp.py", *common, f"run.dir={run_dir}"]), cwd=REPO, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"trainer failed:\n{proc.stderr[-2000:]}")
+        return json.loads((run_dir / "summary.json").read_text())["steady_images_per_sec"]
+
+    def loop() -> float:
+        proc = subprocess.run(launch(nproc, [str(Path(__file__).resolve()), "--bare", *common]), cwd=REPO, env=env,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"bare loop failed:\n{proc.stderr[-2000:]}")
+        return json.loads(proc.stdout.strip().splitlines()[-1])["images_per_sec"]
+
+    if bare_first:
+        theirs = loop()
+        ours = trainer()
+    else:
+        ours = trainer()
+        theirs = loop()
     return ours, theirs
 
 
@@ -129,7 +141,7 @@ def main() -> None:
         for r in range(a.rounds):
             for nproc in a.nprocs:
                 for prec in a.precisions:
-                    pair = run_pair(nproc, prec, a.steps, a.root, Path(tmp))
+                    pair = run_pair(nproc, prec, a.steps, a.root, Path(tmp), bare_first=r % 2 == 1)
                     results.setdefault((nproc, prec), []).append(pair)
                     print(f"round {r + 1}: {nproc} rank(s) {prec}: trainer {pair[0]:.0f} img/s, bare {pair[1]:.0f} "
                           f"img/s, ratio {pair[0] / pair[1]:.3f}", flush=True)
