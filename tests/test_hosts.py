@@ -295,11 +295,10 @@ def test_lost_node_reforms_resumes_and_grows_back(hosts, mnist_root, tmp_path):
     # B comes back: the job grows back to world size 2
     t_join = time.monotonic()
     b2 = Launch(b, cmd, host_env(b, **env), tmp_path / "hostb-2.log")
-    # Fails in this product as it is (torch 2.14): cnn.distributed.group._store prefixes the workers'
-    # store with TORCHELASTIC_RESTART_COUNT, which is each agent's own count of failure restarts: A's
-    # is 1 here, the new agent's 0, so their workers never meet and hang in init_process_group (until
-    # dist.init_timeout_s).  Without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (torch's bug above) the new
-    # node never gets that far.
+    # Needs cnn.distributed.group._store to leave a store that rank 0 hosts unprefixed: a per-attempt
+    # prefix from TORCHELASTIC_RESTART_COUNT (each agent's own count: A's is 1 here, the new agent's 0)
+    # kept their workers apart, hanging in init_process_group until dist.init_timeout_s.  Without
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (torch's bug above) the new node never gets that far.
     wait_for(lambda: len(_attempts(run_dir)) >= 3, 45,
              what="the job at world size 2 again after host B's torchrun restarted (see cnn.distributed.group._store)")
     t_grown = time.monotonic()
