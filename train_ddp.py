@@ -168,6 +168,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
                     out.status(f"step {step}/{total_steps} epoch {epoch} loss {train_loss:.4f} acc {train_acc:.4f} "
                                f"lr {lr:.2e} {tp['images_per_sec']:.0f} img/s", loss=f"{train_loss:.4f}", acc=f"{train_acc:.3f}")
             if do_eval:
+                watchdog.beat(step, cfg.dist.init_timeout_s)  # all 10,000 test images: slow on a slow CPU
                 last_eval = run_eval(keep_predictions=step == total_steps)  # the last is also the final evaluation
                 progress.record_eval(last_eval.accuracy)
                 progress.log_eval(tracker, out, peak, step, epoch, epoch_end, last_eval, train_loss, train_acc)
