@@ -65,6 +65,8 @@ def bare(argv: list[str]) -> None:
     share, t0 = None, None
     for step in range(total):
         if step == warm:
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)  # the warm-up's queued kernels are not the clock's
             dist.barrier()
             t0 = time.perf_counter()
         epoch, s = divmod(step, spe)
