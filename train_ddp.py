@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cnn import checkpoint, config, console, distributed, export, fault, perf, precision, rundir
+from cnn import checkpoint, config, console, distributed, export, fault, optim, perf, precision, rundir
 from cnn.config import Config, ConfigError
 from cnn.evaluate import evaluate
 from cnn.model import CNN
@@ -76,7 +76,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
     raw = CNN(cfg.model.dropout).to(d.device)
     if cfg.train.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
-    opt = build_optimizer(raw, cfg.optim)
+    opt = build_optimizer(raw, cfg.optim, cfg.train.muon_cuda_graph)
     config_dict = config.to_dict(cfg)
     state = checkpoint.resume(cfg.checkpoint.resume, config_dict, run.path, d.is_main, out.warn)
     prec = precision.choose(cfg.precision, d.device, raw, train_set.images[:per_rank], train_set.labels[:per_rank],
@@ -191,7 +191,8 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         # ---- final evaluation and summary (a finished run started again evaluates here)
         final = last_eval if last_eval is not None and last_eval.predictions is not None else run_eval(keep_predictions=True)
         report(final, d.world_size, run, tracker, out, (test_x, test_y),
-               {**progress.summarize(final, total_steps, spe, peak, d.device), **replays.facts(), **ops.facts(), **facts})
+               {**progress.summarize(final, total_steps, spe, peak, d.device), **replays.facts(), **ops.facts(),
+                **optim.facts(opt), **facts})
         exit_code = 0
         return exit_code
     except RuntimeError as exc:  # a peer gone: this replica still holds the last completed step

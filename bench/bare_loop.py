@@ -57,7 +57,7 @@ def bare(argv: list[str]) -> None:
     raw = CNN(cfg.model.dropout).to(d.device)
     if cfg.train.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
-    opt = build_optimizer(raw, cfg.optim)
+    opt = build_optimizer(raw, cfg.optim, cfg.train.muon_cuda_graph)
     autocast = precision.autocast_for(cfg.precision, d.device) if cfg.precision != "fp32" else None
     ddp = DDP(raw, device_ids=[d.device.index] if d.device.type == "cuda" else None, gradient_as_bucket_view=True,
               static_graph=True)

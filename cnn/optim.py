@@ -57,13 +57,22 @@ class Muon(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = True
 
-    def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM, ns_steps: int = NS_STEPS) -> None:
+    def __init__(self, params, lr: float, momentum: float = MUON_MOMENTUM, ns_steps: int = NS_STEPS,
+                 cuda_graph: bool = False) -> None:
         super().__init__(params, {"lr": lr, "momentum": momentum, "ns_steps": ns_steps})
+        self.cuda_graph = cuda_graph  # train.muon_cuda_graph and a CUDA device (uses_cuda_graph)
+        self._graph: GraphedUpdate | None = None
+
+    @property
+    def graph_replays(self) -> int:
+        return 0 if self._graph is None else self._graph.replays
 
     @torch.no_grad()
     def step(self, closure=None):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self.cuda_graph and grad_scale is None and found_inf is None and self._replay():
+            return
         # the reciprocal in fp64, then a multiply, as GradScaler.unscale_ does: the unscaled grads
         # (written back to .grad, as fused Adam does) are the generic path's bit for bit
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
@@ -91,6 +100,86 @@ class Muon(torch.optim.Optimizer):
                 skip = found_inf.to(p.device, non_blocking=True) != 0
                 buf.copy_(torch.where(skip, buf, new_buf))
                 p.copy_(torch.where(skip, p, p.add(ortho.view(p.shape), alpha=-group["lr"] * scale)))
+
+    def _replay(self) -> bool:
+        """Replays the captured update (capturing it first, or again when a weight, buffer or
+        hyperparameter it baked in changed); False where it cannot run: a weight without a grad,
+        or before the first (eager) step has made the momentum buffers."""
+        entries = [(p, self.state[p].get("momentum_buffer"), g) for g in self.param_groups for p in g["params"]]
+        if not entries or any(p.grad is None or buf is None or not p.is_cuda for p, buf, _ in entries):
+            return False
+        key = tuple((p.data_ptr(), buf.data_ptr(), g["momentum"], g.get("ns_steps", NS_STEPS)) for p, buf, g in entries)
+        if self._graph is None or self._graph.key != key:
+            self._graph = GraphedUpdate(key, [(p, buf, g["momentum"], g.get("ns_steps", NS_STEPS))
+                                              for p, buf, g in entries])
+        self._graph.run([p.grad for p, _, _ in entries], [g["lr"] for _, _, g in entries])
+        return True
+
+
+def _scale(p: torch.Tensor) -> float:
+    """Muon's update scale, as the paper: sqrt(max(1, rows / cols)) of the flattened weight."""
+    return max(1.0, p.shape[0] / p[0].numel()) ** 0.5
+
+
+def _update(params, bufs, grads, alphas, momenta, ns_steps) -> None:
+    """Muon's step on given tensors, the learning rate (times -scale) as a 0-dim tensor each: the
+    body of the CUDA graph (GraphedUpdate)."""
+    for p, buf, grad, alpha, m, n in zip(params, bufs, grads, alphas, momenta, ns_steps):
+        buf.mul_(m).add_(grad)
+        ortho = newton_schulz(grad.add(buf, alpha=m).reshape(p.shape[0], -1), n)
+        p.add_(ortho.view(p.shape) * alpha)
+
+
+class GraphedUpdate:
+    """Muon's update for fixed weights and momentum buffers as one CUDA graph: its ~50 kernel
+    launches (momentum, Newton-Schulz, the weight update) replay as one, which on a GPU is host time
+    saved (measured on an H200: Muon's eager step ~1.9 ms of host time, Adam's fused one ~0.2 ms).
+
+    The grads are copied into static inputs each step (DDP's bucket views or not, any address), the
+    learning rates filled into 0-dim device tensors (a kernel argument, no host-device sync). The
+    warm-up before the capture runs on copies on a side stream, so it leaves the weights and buffers
+    untouched; the capture itself runs nothing. Numerically it is the eager step but for the weight
+    update's rounding (a product with a tensor learning rate instead of add's alpha)."""
+
+    def __init__(self, key: tuple, entries: list[tuple[torch.Tensor, torch.Tensor, float, int]]) -> None:
+        self.key, self.replays = key, 0
+        params, bufs = [p for p, _, _, _ in entries], [b for _, b, _, _ in entries]
+        self.momenta, self.ns_steps = [m for _, _, m, _ in entries], [n for _, _, _, n in entries]
+        self.scales = [_scale(p) for p in params]
+        device = params[0].device
+        self.grads = [torch.zeros_like(p) for p in params]
+        self.alphas = [torch.zeros((), device=device, dtype=p.dtype) for p in params]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # cuBLAS handles and workspaces, on copies
+            _update([p.clone() for p in params], [b.clone() for b in bufs], self.grads, self.alphas,
+                    self.momenta, self.ns_steps)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        self.graph.uncounted = True  # not one of torch.compile's (cnn/perf/cudagraphs.py counts those)
+        # thread_local: the NCCL watchdog's event queries on its own thread may go on during the capture
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            _update(params, bufs, self.grads, self.alphas, self.momenta, self.ns_steps)
+
+    def run(self, grads: list[torch.Tensor], lrs: list[float]) -> None:
+        torch._foreach_copy_(self.grads, grads)
+        for alpha, lr, scale in zip(self.alphas, lrs, self.scales):
+            alpha.fill_(-lr * scale)
+        self.graph.replay()
+        self.replays += 1
+
+
+def facts(opt: torch.optim.Optimizer | AdamMuon) -> dict[str, int]:
+    """For summary.json: how many Muon updates replayed as a CUDA graph (where it is on)."""
+    if isinstance(opt, AdamMuon) and opt.muon.cuda_graph:
+        return {"muon_graph_replays": opt.muon.graph_replays}
+    return {}
+
+
+def uses_cuda_graph(device_type: str, enabled: bool) -> bool:
+    """train.muon_cuda_graph: Muon's update replays as a CUDA graph on CUDA only (CPUs have no graphs;
+    there a step's host time is not the bottleneck)."""
+    return enabled and device_type == "cuda"
 
 
 class AdamMuon:
@@ -163,13 +252,17 @@ def muon_params(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [m.weight for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.in_channels > 1]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | AdamMuon:
-    """Adam over every parameter (optim.muon_lr=0), else Adam + Muon (see the module doc)."""
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
+                    cuda_graph: bool = False) -> torch.optim.Optimizer | AdamMuon:
+    """Adam over every parameter (optim.muon_lr=0), else Adam + Muon (see the module doc);
+    cuda_graph (train.muon_cuda_graph): Muon's update as a CUDA graph where the model is on CUDA."""
     if cfg.muon_lr <= 0:
         return _adam(model.parameters(), cfg)
     muon = muon_params(model)
     ids = {id(p) for p in muon}
-    return AdamMuon(_adam([p for p in model.parameters() if id(p) not in ids], cfg), Muon(muon, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps))
+    graphed = uses_cuda_graph(muon[0].device.type, cuda_graph)
+    return AdamMuon(_adam([p for p in model.parameters() if id(p) not in ids], cfg),
+                    Muon(muon, lr=cfg.muon_lr, ns_steps=cfg.muon_ns_steps, cuda_graph=graphed))
 
 
 def set_lr(opt: torch.optim.Optimizer | AdamMuon, step: int, total_steps: int, cfg: OptimConfig) -> None:

@@ -1,5 +1,6 @@
 """CUDA checks; skipped cleanly where no GPU is present (run by bench/gpu_check.sh)."""
 
+import copy
 import sys
 
 import pytest
@@ -46,6 +47,8 @@ def test_cuda_training_learns(mnist_root, tmp_path, prec):
     assert s["eval_count"] == 1000 and s["test_accuracy"] > 0.9
     assert s["peak_gpu_mb"] > 0 and s["peak_gflops"] > 0 and 0 < s["mfu"] < 1
     assert s["peak_basis"] == want
+    # Muon's update replays as a CUDA graph from its second step; fp16's grad scaler keeps it eager
+    assert s["muon_graph_replays"] == (0 if want == "fp16" else s["steps"] - 1)
     if s["peak_datasheet_gflops"] is not None:
         assert 0 < s["mfu_datasheet"] < 1
 
@@ -79,3 +82,47 @@ def test_no_host_device_sync_between_log_points(mnist_root, tmp_path, prec):
                                                             "train.epochs=1")])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_summary(tmp_path)["steps"] == 100
+
+
+def test_muon_update_replays_as_a_cuda_graph_and_matches_the_eager_step():
+    """optim.GraphedUpdate: the first step eager (it makes the momentum buffers), then one replay a
+    step with the learning rate changing; a load_state_dict (new buffers) captures again."""
+    from cnn.optim import Muon
+    dev = torch.device("cuda", 0)
+    shapes = [(64, 32, 3, 3), (128, 64, 3, 3)]
+
+    def make(graph: bool):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape, device=dev)) for shape in shapes]
+        return params, Muon(params, lr=0.02, cuda_graph=graph)
+
+    (pa, eager), (pb, graphed) = make(False), make(True)
+    start = [p.detach().clone() for p in pb]
+
+    def steps(first: int, n: int) -> None:
+        for step in range(first, first + n):
+            torch.manual_seed(100 + step)
+            grads = [torch.randn(shape, device=dev) for shape in shapes]
+            for params, opt in ((pa, eager), (pb, graphed)):
+                for p, grad in zip(params, grads):
+                    p.grad = grad.clone()
+                for group in opt.param_groups:
+                    group["lr"] = 0.02 * (step + 1) / 10
+                opt.step()
+
+    steps(0, 6)
+    assert graphed.graph_replays == 5 and eager.graph_replays == 0
+    for a, b, b0 in zip(pa, pb, start):
+        assert (b - b0).abs().max() > 1e-3  # the replays moved the weights
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    for a, b in zip(pa, pb):
+        assert torch.equal(eager.state[a]["momentum_buffer"], graphed.state[b]["momentum_buffer"])
+    graphed.load_state_dict(copy.deepcopy(eager.state_dict()))  # a resume: buffers at new addresses
+    with torch.no_grad():
+        for a, b in zip(pa, pb):
+            b.copy_(a)
+    steps(6, 3)
+    assert graphed.graph_replays == 3  # the new capture's count
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+        assert torch.equal(eager.state[a]["momentum_buffer"], graphed.state[b]["momentum_buffer"])

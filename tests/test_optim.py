@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from cnn import checkpoint, config
 from cnn.model import CNN
-from cnn.optim import AdamMuon, build_optimizer, lr_at, muon_params, newton_schulz, set_lr
+from cnn import optim
+from cnn.optim import AdamMuon, Muon, build_optimizer, lr_at, muon_params, newton_schulz, set_lr
 
 
 def _cfg(*overrides):
@@ -192,3 +193,48 @@ def test_scaler_step_reads_nothing_back_to_the_host(monkeypatch):
     sc_a.update()
     monkeypatch.undo()
     assert all(not torch.equal(p0, p) for p0, p in zip(before, a.parameters()))  # it did step
+
+
+@pytest.mark.parametrize("device_type, enabled, want", [("cuda", True, True), ("cuda", False, False),
+                                                         ("cpu", True, False), ("cpu", False, False)])
+def test_muon_replays_as_a_cuda_graph_on_cuda_only(device_type, enabled, want):
+    assert optim.uses_cuda_graph(device_type, enabled) is want
+
+
+def test_cuda_graph_setting_on_a_cpu_model_trains_eagerly_and_identically():
+    cfg = _cfg().optim
+    torch.manual_seed(0)
+    a = CNN(dropout=0)
+    b = copy.deepcopy(a)
+    opt_a, opt_b = build_optimizer(a, cfg, cuda_graph=True), build_optimizer(b, cfg, cuda_graph=False)
+    assert not opt_a.muon.cuda_graph  # the decision: no graphs on CPU
+    opt_a.muon.cuda_graph = True  # forced on anyway: CPU tensors keep the eager step
+    _steps(a, opt_a, 3)
+    _steps(b, opt_b, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert opt_a.muon.graph_replays == 0 and optim.facts(opt_a) == {"muon_graph_replays": 0}
+    assert optim.facts(opt_b) == {}
+
+
+def test_graph_body_is_muons_step():
+    """The CUDA graph's body (optim._update, learning rate as a tensor) computes the eager step:
+    the same momentum buffers bit for bit, the weights up to the update's rounding."""
+    g = torch.Generator().manual_seed(1)
+    params = [torch.nn.Parameter(torch.randn(64, 32, 3, 3, generator=g)),
+              torch.nn.Parameter(torch.randn(128, 64, 3, 3, generator=g))]
+    grads = [torch.randn(p.shape, generator=g) for p in params]
+    eager = Muon(params, lr=0.02)
+    for p, grad in zip(params, grads):
+        p.grad = grad.clone()
+    eager.step()  # makes the momentum buffers
+    bufs = [eager.state[p]["momentum_buffer"].clone() for p in params]
+    weights = [p.detach().clone() for p in params]
+    for p, grad in zip(params, grads):
+        p.grad = grad.flip(0)
+    eager.step()
+    alphas = [torch.tensor(-0.02 * optim._scale(p)) for p in params]
+    optim._update(weights, bufs, [grad.flip(0) for grad in grads], alphas, [0.95, 0.95], [5, 5])
+    for p, w, buf in zip(params, weights, bufs):
+        assert torch.equal(buf, eager.state[p]["momentum_buffer"])
+        torch.testing.assert_close(w, p.detach(), rtol=0, atol=1e-6)
+    assert optim._scale(params[0]) == 1.0 and optim._scale(torch.empty(600, 10)) == pytest.approx(60 ** 0.5)

@@ -109,6 +109,23 @@ def test_graph_reuse_counts_replays_beyond_captures(rerecord, captures, replays,
     assert facts["cudagraph_skips"] == 0
 
 
+def test_muons_own_graph_is_not_counted_as_torch_compiles():
+    """cnn/optim.py GraphedUpdate marks its graph uncounted: its replays are not compile's reuse."""
+
+    class Graph(FakeGraph):
+        pass
+
+    counter = perf.GraphReplays(Graph)
+    muon = Graph()
+    muon.uncounted = True
+    muon.capture_end()
+    for _ in range(5):
+        muon.replay()
+    _cudagraph_trees(Graph, 3, rerecord=True)
+    facts = counter.facts()
+    assert (facts["cudagraph_captures"], facts["cudagraph_replays"]) == (4, 3)
+
+
 def test_graph_replays_wrap_torchs_graph_class_where_cuda_graphs_may_run(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: calls.append(("replay", graph)))

@@ -72,6 +72,8 @@ class TrainConfig:
     """Wrap the model in torch.compile (measured 766 vs ~1,400 img/s eager on a 2-core AVX2 CPU; try it on GPUs)."""
     compile_mode: str = "default"
     """torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs."""
+    muon_cuda_graph: bool = True
+    """On CUDA, replay Muon's update as one CUDA graph from its second step: ~50 kernel launches become one (one H200, default recipe, bf16: 1.5x the steady images/s). fp16's grad scaler keeps it eager; no effect on CPU."""
     channels_last: bool = True
     """Use the channels_last memory format (measured ~15% faster on a 2-core AVX2 EPYC, fp32)."""
     threads: int = 0

@@ -33,10 +33,12 @@ class GraphReplays:
 
         def counted_capture_end(graph) -> None:
             capture_end(graph)
-            outer.captures += 1  # after it returns: a capture that failed recorded no graph
+            # after it returns: a capture that failed recorded no graph; Muon's own graph
+            # (cnn/optim.py GraphedUpdate, marked uncounted) is not torch.compile's
+            outer.captures += not getattr(graph, "uncounted", False)
 
         def counted_replay(graph) -> None:
-            outer.replays += 1
+            outer.replays += not getattr(graph, "uncounted", False)
             replay(graph)
 
         cls.capture_end, cls.replay = counted_capture_end, counted_replay
