@@ -51,3 +51,15 @@ def test_rank_stats_cost_script():
     proc = run([sys.executable, "bench/rank_stats_cost.py", "--blocks", "1", "--block-steps", "2"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "instrumentation per step" in proc.stdout and "window close" in proc.stdout
+
+
+def test_step_parts_script():
+    """bench/step_parts.py on the CPU: its CUDA-only rows are left out with why, the others time."""
+    proc = run([sys.executable, "bench/step_parts.py", "--device", "cpu", "--steps", "2", "--rounds", "1",
+                "--only", "bare fp32,opt.step only (Adam),as a CUDA graph"], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "left out (CUDA only): opt.step only (Adam + Muon as a CUDA graph)" in proc.stdout
+    timed = [line.split(maxsplit=1)[1].split("   (")[0] for line in proc.stdout.splitlines()
+             if line[:8].strip().replace(".", "").isdigit()]
+    assert timed == ["bare fp32", "opt.step only (Adam)"], proc.stdout[-2000:]
+    assert "profiler, 20 steps of 'bare fp32'" in proc.stdout
