@@ -44,11 +44,11 @@ TRAIN_ARGS = ["optim.lr=4e-3", "train.epochs=3", "train.eval_every=20", "train.l
 COMPILED_STEPS = 100
 EAGER_TIMEOUT_S, COMPILED_TIMEOUT_S = 90, 150  # per run: start-up + ~350 steps (+ a cold compile)
 MIN_RUN_S = 25  # a run with less time left than this is skipped, not started
-# Estimated seconds per row on one H200, to size the plan (no GPU run has measured them yet):
-# start-up (imports, CUDA, MNIST onto the GPU, the roofline) ~8 s + 352 eager steps and 18
-# evaluations ~12 s; torchrun's agent, rendezvous and NCCL's set-up ~10 s more; a cold
-# reduce-overhead compile (forward, backward, evaluation, graph recording) ~25 s + its 100 steps.
-EAGER_EST_S, COMPILED_EST_S, TORCHRUN_EXTRA_S = 20.0, 35.0, 10.0
+# Seconds per row on one H200, to size the plan: measured 2026-12-04 (docs/gpu-check.md, first run)
+# 12.5-14.8 s an eager row (start-up, 352 steps, 18 evaluations) and 26.6 s the compiled bf16 row
+# (a cold reduce-overhead compile ~12 s + 100 steps), rounded up; torchrun's agent, rendezvous and
+# NCCL's set-up ~10 s more (an estimate: no run on two GPUs yet).
+EAGER_EST_S, COMPILED_EST_S, TORCHRUN_EXTRA_S = 16.0, 30.0, 10.0
 PLAN_SHARE = 0.8  # the plan fills at most this share of its time: the estimates are guesses
 
 
