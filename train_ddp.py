@@ -45,6 +45,7 @@ STOP_CHECK_EVERY = 10  # steps between the (host-only) collectives that agree on
 
 def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> int:
     threads = distributed.set_cpu_threads(cfg.train.threads, d)
+    heap = perf.keep_heap(cfg.train.keep_heap)  # before the first tensor: what runs first decides nothing
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
     run = RunDir(distributed.broadcast_object(str(rundir.resolve(cfg.run.dir))))
@@ -52,7 +53,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
         raise rundir.RunDirError(error)
     out = console.make_console(d.is_main)
     out.info(f"world size {d.world_size} ({d.launcher}, {d.num_nodes} node(s)), backend {d.backend}, device {d.device}, "
-             f"{threads}")
+             f"{threads}; {heap}")
 
     # ---- data: fetched once per node, resident on the device, normalized once
     error = distributed.once_per_node(

@@ -39,7 +39,7 @@ def bare(argv: list[str]) -> None:
     import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from cnn import config, distributed, precision
+    from cnn import config, distributed, perf, precision
     from cnn.model import CNN
     from cnn.optim import build_optimizer, set_lr
     from data import mnist
@@ -48,6 +48,7 @@ def bare(argv: list[str]) -> None:
     cfg = config.parse_args(argv)
     d = distributed.setup(cfg.device, cfg.dist.init_timeout_s)
     distributed.set_cpu_threads(cfg.train.threads, d)
+    perf.keep_heap(cfg.train.keep_heap)  # as the trainer: otherwise glibc's history decides the page faults
     train_set = DeviceDataset.from_uint8(*mnist.load(cfg.data.root, True, cfg.data.train_subset), d.device,
                                          cfg.train.channels_last)
     per_rank = cfg.train.batch_size // d.world_size

@@ -74,6 +74,8 @@ class TrainConfig:
     """torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune | max-autotune-no-cudagraphs."""
     muon_cuda_graph: bool = True
     """On CUDA, replay Muon's update as one CUDA graph from its second step: ~50 kernel launches become one (one H200, default recipe, bf16: 1.5x the steady images/s). fp16's grad scaler keeps it eager; no effect on CPU."""
+    keep_heap: bool = True
+    """glibc: keep a step's freed memory mapped (mallopt: mmap threshold 32 MiB, trim 1 GiB) instead of re-faulting ~33 MB of activations a CPU step, as glibc's defaults may (cnn/perf/heap.py)."""
     channels_last: bool = True
     """Use the channels_last memory format (measured ~15% faster on a 2-core AVX2 EPYC, fp32)."""
     threads: int = 0

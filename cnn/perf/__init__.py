@@ -1,7 +1,7 @@
 """Throughput accounting, one idea a module: the device clock (clock), the matmul roofline, datasheet
 peaks and MFU (roofline), training windows and memory (window), CUDA-graph captures and replays
 (cudagraphs), the host-device sync check (sync_check), the per-rank figures that show a
-straggler (stragglers), and the ops a training step dispatches (ops).  The names are re-exported here: ``from cnn import perf; perf.Window``.
+straggler (stragglers), the ops a training step dispatches (ops), and glibc's malloc thresholds (heap).  The names are re-exported here: ``from cnn import perf; perf.Window``.
 """
 
 import torch.distributed as dist  # noqa: F401  (tests patch perf.dist.all_reduce)
@@ -13,3 +13,4 @@ from cnn.perf.cudagraphs import GraphReplays, NullReplays, CUDAGRAPH_MODES, grap
 from cnn.perf.sync_check import SyncCheck  # noqa: F401
 from cnn.perf.stragglers import STRAGGLER_RATIO, STRAGGLER_WINDOWS, Stragglers, NullRankStats, RankStats, make_rank_stats  # noqa: F401
 from cnn.perf.ops import COUNTED_STEP, OpCounter, StepOps, NullStepOps, step_ops  # noqa: F401
+from cnn.perf.heap import keep_heap  # noqa: F401
