@@ -77,8 +77,8 @@ def test_failure_during_the_update_writes_nothing(mnist_root, tmp_path, monkeypa
     live state belongs to no step, so no checkpoint, however the error reads."""
     build = train_ddp.build_optimizer
 
-    def half_applied(model, cfg):
-        opt = build(model, cfg)
+    def half_applied(model, cfg, *args):
+        opt = build(model, cfg, *args)
         step, calls = opt.step, []
 
         def failing(*args, **kwargs):
