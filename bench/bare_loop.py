@@ -5,7 +5,8 @@ bookkeeping cost?
     python bench/bare_loop.py --precisions fp32 --nprocs 2 --rounds 5 --steps 300
 
 The bare loop is the same model, optimizer (Adam + Muon), schedule, label smoothing, dropout,
-data resident on the device, memory format, batch sharding, precision, DDP flags and threads per rank as
+data resident on the device, memory format, batch sharding, precision, DDP flags, threads per rank, malloc
+thresholds (train.keep_heap) and, on CUDA, cudnn.benchmark as
 `train_ddp.py --config configs/default.yaml`, and nothing else: no metrics window, stop checks,
 rank statistics, watchdog, sample hashes, progress line, evaluation or checkpoints. Both sides
 run `--steps` steps and report images/s after the first `train.log_every` steps (the trainer's
@@ -49,6 +50,8 @@ def bare(argv: list[str]) -> None:
     d = distributed.setup(cfg.device, cfg.dist.init_timeout_s)
     distributed.set_cpu_threads(cfg.train.threads, d)
     perf.keep_heap(cfg.train.keep_heap)  # as the trainer: otherwise glibc's history decides the page faults
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer
     train_set = DeviceDataset.from_uint8(*mnist.load(cfg.data.root, True, cfg.data.train_subset), d.device,
                                          cfg.train.channels_last)
     per_rank = cfg.train.batch_size // d.world_size

@@ -111,6 +111,8 @@ def main() -> None:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as the trainer
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29561")
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1,
