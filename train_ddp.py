@@ -45,7 +45,7 @@ STOP_CHECK_EVERY = 10  # steps between the (host-only) collectives that agree on
 
 def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> int:
     threads = distributed.set_cpu_threads(cfg.train.threads, d)
-    heap = perf.keep_heap(cfg.train.keep_heap)  # before the first tensor: what runs first decides nothing
+    heap = perf.keep_heap(cfg.train.keep_heap)  # before the data and the model: then what ran first decides nothing
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
     run = RunDir(distributed.broadcast_object(str(rundir.resolve(cfg.run.dir))))

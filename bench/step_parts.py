@@ -48,7 +48,7 @@ ROWS = {
 
 
 def build(device, cfg, ddp=True, muon=True, prec="bf16", part="full", lr=True, graph=False, compile_opt=False,
-          compile_model=None, cuda=False):
+          compile_model=None):
     """One row's step function: step(i) runs optimizer step i of a 10,000-step schedule."""
     import torch
     import torch.nn.functional as F
@@ -131,7 +131,7 @@ def main() -> None:
             print(f"left out (CUDA only): {name}")
             continue
         t = time.perf_counter()
-        rows[name] = build(device, cfg, **opts)
+        rows[name] = build(device, cfg, **{k: v for k, v in opts.items() if k != "cuda"})
         print(f"built {name} in {time.perf_counter() - t:.1f} s", flush=True)
     ms = {name: [] for name in rows}
     for r in range(a.rounds):

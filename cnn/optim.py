@@ -91,8 +91,7 @@ class Muon(torch.optim.Optimizer):
                 update = p.grad.add(new_buf, alpha=group["momentum"])  # Nesterov
                 rows = update.shape[0]
                 ortho = newton_schulz(update.reshape(rows, -1), group.get("ns_steps", NS_STEPS))
-                # scaled as the paper: sqrt(max(1, rows / cols)); 1 for conv2 (64x288) and conv3 (128x576)
-                scale = max(1.0, rows / ortho.shape[1]) ** 0.5
+                scale = _scale(p)  # 1 for conv2 (64x288) and conv3 (128x576)
                 if found_inf is None:
                     p.add_(ortho.view(p.shape), alpha=-group["lr"] * scale)
                     continue
@@ -118,7 +117,8 @@ class Muon(torch.optim.Optimizer):
 
 def _scale(p: torch.Tensor) -> float:
     """Muon's update scale, as the paper: sqrt(max(1, rows / cols)) of the flattened weight."""
-    return max(1.0, p.shape[0] / p[0].numel()) ** 0.5
+    rows = p.shape[0]
+    return max(1.0, rows / (p.numel() // rows)) ** 0.5  # from the shape alone: no op dispatched
 
 
 def _update(params, bufs, grads, alphas, momenta, ns_steps) -> None:

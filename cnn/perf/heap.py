@@ -4,8 +4,8 @@ A CPU step allocates and frees the same activations every step (~33 MB at the de
 128). glibc serves blocks above its mmap threshold with mmap and unmaps them on free; the
 threshold starts at 128 KiB and rises only when such a block is freed, so whether every step
 re-faults those pages (zeroed by the kernel: measured 8,365 minor faults a step, one rank, bf16,
-2-core AMD EPYC) or none does depends on what the process happened to allocate first -- an
-evaluation before the loop, the precision probe. Fixing both thresholds (mallopt, as
+2-core AMD EPYC) or none does depends on what the process happened to allocate first (in the
+trainer, loading the test set and evaluating before the loop made it none). Fixing both thresholds (mallopt, as
 MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ would at start-up) keeps those pages mapped:
 no faults whatever ran first, at the price of the process holding its peak heap until it exits.
 Where the environment sets either variable, or libc has no mallopt (musl, macOS), nothing changes.
