@@ -9,8 +9,9 @@ two linear layers) stays with Adam.  Measured over the first 29,952 images (234 
 128; docs/performance.md, "Sample efficiency"): 98.63-98.80% test accuracy with Adam alone, 98.93-99.04%
 with Muon on the convs, 99.16-99.32% with label smoothing 0.1 on top (the default recipe).
 Muon on the 2048x625 layer helped as much but cost ~4x the step on a CPU (its Newton-Schulz
-products outweigh a batch of 128 images); on the convs it costs ~5%.  muon_lr=0 is Adam
-for everything, exactly as before Muon was added.
+products outweigh a batch of 128 images); on the convs, with the Gram form of the iteration,
+~4% of an fp32 step (bench/muon_share.py).  muon_lr=0 is Adam for everything, exactly as before
+Muon was added.
 """
 
 from __future__ import annotations
@@ -30,10 +31,74 @@ MUON_MOMENTUM = 0.95
 def newton_schulz(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
     """An approximately orthogonal matrix with g's row and column spaces (U V^T of g's SVD, roughly).
 
-    Each iteration is x <- a x + (b A + c A A) x with A = x x^T, in torch.optim.Muon's form
-    (torch/optim/_muon.py `_zeropower_via_newtonschulz`): the sums folded into two addmm, 4 ops an
-    iteration where the written-out form dispatched 8 (a kernel launch each on a GPU).
+    The quintic iteration x <- (a I + b A + c A^2) x, A = x x^T, in its Gram form ("Gram
+    Newton-Schulz", https://tridao.me/blog/2026/gram-newton-schulz/) where that costs fewer flops: every
+    iterate is q x0 with q a polynomial in the small m x m Gram matrix of the normalized x0 (m the
+    short side), so the iteration runs on m x m products -- q <- P q and A <- P A P with
+    P = a I + b A + c A^2 -- and touches the long side twice, to form x0 x0^T and q x0, where the
+    direct form (newton_schulz_direct) does twice per iteration. The same polynomial; in fp32 it
+    differs from the direct form by rounding (~2e-6 relative, tests/test_optim.py). Reduced
+    precision takes the direct form -- half-precision grads, or fp32 matmuls that run as TF32 or bf16
+    (exact_fp32_matmul): the Gram matrix squares the condition number, and there the Gram form needs
+    restarts to stay stable (the same post).
     """
+    rows, cols = g.shape
+    if (g.dtype not in (torch.float32, torch.float64) or not exact_fp32_matmul(g.device.type)
+            or not gram_pays(min(rows, cols), max(rows, cols), steps)):
+        return newton_schulz_direct(g, steps)
+    a, b, c = NS_COEFFICIENTS
+    x = g / (g.norm() + 1e-7)
+    wide = rows <= cols
+    if not wide:
+        x = x.T
+    gram = x @ x.T
+    for k in range(steps):
+        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)  # P - a I
+        if k == 0:
+            poly.diagonal().add_(a)  # P itself: the diagonal is a view
+            q = poly
+            if steps > 1:
+                gram = q @ gram @ q
+            continue
+        q = torch.addmm(q, poly, q, beta=a)  # P q
+        if k < steps - 1:
+            p_gram = torch.addmm(gram, poly, gram, beta=a)  # P A
+            gram = torch.addmm(p_gram, p_gram, poly, beta=a)  # P A P
+    x = q @ x
+    return x if wide else x.T
+
+
+def gram_pays(short: int, long: int, steps: int) -> bool:
+    """Whether the Gram form of `steps` iterations on a short x long matrix costs fewer multiply-adds
+    than the direct form: 2 s^2 l + (4 steps - 3) s^3 against steps (2 s^2 l + s^3). Muon's two
+    matrices (64 x 288, 128 x 576) at 5 iterations: 0.52x the direct form's."""
+    gram = 2 * short * short * long + (4 * steps - 3) * short ** 3
+    return gram < steps * (2 * short * short * long + short ** 3)
+
+
+def exact_fp32_matmul(device_type: str) -> bool:
+    """Whether fp32 matmuls on this device type run in fp32 (torch's default) rather than TF32 or bf16
+    -- torch.set_float32_matmul_precision("high"/"medium"), torch.backends.cuda.matmul.allow_tf32, or
+    the fp32_precision settings behind both (torch 2.9+), read as ATen resolves them (Context.cpp
+    `float32Precision`: the op's setting, else its backend's, else the generic one; "none" is fp32)."""
+    backends = torch.backends
+    if device_type == "cuda":
+        matmul = backends.cuda.matmul
+        if not hasattr(matmul, "fp32_precision"):  # before torch 2.9
+            return not matmul.allow_tf32
+        levels = [matmul.fp32_precision, backends.fp32_precision]
+        reduced = {"tf32"}  # CUDA has no bf16 setting: ATen reads it as none
+    else:
+        if not hasattr(backends.mkldnn.matmul, "fp32_precision"):
+            return True
+        levels = [backends.mkldnn.matmul.fp32_precision, backends.mkldnn.fp32_precision, backends.fp32_precision]
+        reduced = {"tf32", "bf16"}
+    return next((level for level in levels if level != "none"), "ieee") not in reduced
+
+
+def newton_schulz_direct(g: torch.Tensor, steps: int = NS_STEPS) -> torch.Tensor:
+    """The direct form, in torch.optim.Muon's (torch/optim/_muon.py `_zeropower_via_newtonschulz`):
+    the sums folded into two addmm, 4 ops an iteration where the written-out form dispatched 8."""
     a, b, c = NS_COEFFICIENTS
     x = g / (g.norm() + 1e-7)
     wide = x.shape[0] <= x.shape[1]
@@ -77,28 +142,35 @@ class Muon(torch.optim.Optimizer):
         # (written back to .grad, as fused Adam does) are the generic path's bit for bit
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if inv_scale is not None:
-                    p.grad.mul_(inv_scale.to(p.device, non_blocking=True))
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                new_buf = buf.mul_(group["momentum"]) if found_inf is None else buf.mul(group["momentum"])
-                new_buf.add_(p.grad)
-                update = p.grad.add(new_buf, alpha=group["momentum"])  # Nesterov
-                rows = update.shape[0]
-                ortho = newton_schulz(update.reshape(rows, -1), group.get("ns_steps", NS_STEPS))
-                scale = _scale(p)  # 1 for conv2 (64x288) and conv3 (128x576)
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if inv_scale is not None:
+                torch._foreach_mul_(grads, inv_scale.to(params[0].device, non_blocking=True))
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            momentum = group["momentum"]
+            # one op per line for all weights (foreach), where a loop dispatched one per weight
+            if found_inf is None:
+                torch._foreach_mul_(bufs, momentum)
+                new_bufs = bufs
+            else:  # the buffers keep their values where the step is skipped
+                new_bufs = torch._foreach_mul(bufs, momentum)
+            torch._foreach_add_(new_bufs, grads)
+            updates = torch._foreach_add(grads, new_bufs, alpha=momentum)  # Nesterov
+            for p, buf, new_buf, update in zip(params, bufs, new_bufs, updates):
+                ortho = newton_schulz(update.reshape(update.shape[0], -1), group.get("ns_steps", NS_STEPS))
+                alpha = -group["lr"] * _scale(p)  # _scale: 1 for conv2 (64x288) and conv3 (128x576)
                 if found_inf is None:
-                    p.add_(ortho.view(p.shape), alpha=-group["lr"] * scale)
+                    p.add_(ortho.view(p.shape), alpha=alpha)
                     continue
                 # where, not a multiply by (1 - found_inf): an inf grad makes the update nan, and nan * 0 is nan
                 skip = found_inf.to(p.device, non_blocking=True) != 0
                 buf.copy_(torch.where(skip, buf, new_buf))
-                p.copy_(torch.where(skip, p, p.add(ortho.view(p.shape), alpha=-group["lr"] * scale)))
+                p.copy_(torch.where(skip, p, p.add(ortho.view(p.shape), alpha=alpha)))
 
     def _replay(self) -> bool:
         """Replays the captured update (capturing it first, or again when a weight, buffer or

@@ -13,8 +13,9 @@ from conftest import clear_launcher_env, smoke_args
 
 # Measured with torch 2.14.1 on the CPU, world size 1 (DDP and its all-reduce run as at any size),
 # precision pinned: autocast adds casts. Before the Newton-Schulz iteration took torch.optim.Muon's
-# addmm form: 261 (fp32) and 284 (bf16).
-BUDGET = {("2.14", "fp32"): 211, ("2.14", "bf16"): 234}
+# addmm form: 261 (fp32) and 284 (bf16); with it, 211 and 234; its Gram form (half the multiply-adds)
+# adds 2 ops a weight, Muon's momentum as foreach ops takes 3 off the step: 212 and 235.
+BUDGET = {("2.14", "fp32"): 212, ("2.14", "bf16"): 235}
 TORCH = ".".join(torch.__version__.split(".")[:2])
 
 
@@ -37,3 +38,4 @@ def test_a_training_step_dispatches_no_more_ops_than_its_budget(mnist_root, tmp_
     assert sum(by_name.values()) == ops
     assert by_name["allreduce_"] >= 1 and by_name["convolution_backward"] == 3  # the whole step was counted
     assert ops <= budget, f"{ops} ops per step, budget {budget}: {by_name}"
+

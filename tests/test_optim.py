@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from cnn import checkpoint, config
 from cnn.model import CNN
 from cnn import optim
-from cnn.optim import AdamMuon, Muon, build_optimizer, lr_at, muon_params, newton_schulz, set_lr
+from cnn.optim import (AdamMuon, Muon, build_optimizer, gram_pays, lr_at, muon_params, newton_schulz,
+                       newton_schulz_direct, set_lr)
 
 
 def _cfg(*overrides):
@@ -24,6 +25,87 @@ def test_newton_schulz_orthogonalizes_both_shapes():
         assert s.min() > 0.5 and s.max() < 1.3, (s.min(), s.max())
         u, _, vh = torch.linalg.svd(m, full_matrices=False)
         assert torch.nn.functional.cosine_similarity(newton_schulz(m).flatten(), (u @ vh).flatten(), dim=0) > 0.95
+
+
+def _with_singular_values(rows, cols, s, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(rows, len(s), generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, len(s), generator=g))
+    return u @ torch.diag(s) @ v.T
+
+
+@pytest.mark.parametrize("shape", [(64, 288), (128, 576), (576, 128)])
+@pytest.mark.parametrize("steps", [2, 3, 5])
+def test_the_gram_form_is_the_direct_iteration_up_to_rounding(shape, steps):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(steps))
+    direct, gram = newton_schulz_direct(g, steps), newton_schulz(g, steps)
+    assert ((gram - direct).norm() / direct.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("name, s", [("rank 1", torch.tensor([1.0] + [0.0] * 63)),
+                                     ("singular values 1e-8..1", torch.logspace(-8, 0, 64)),
+                                     ("all zero", torch.zeros(64))])
+def test_the_gram_form_holds_on_ill_conditioned_and_degenerate_grads(name, s):
+    # the Gram matrix squares the condition number; in fp32 the result still matches the direct form
+    m = _with_singular_values(64, 288, s)
+    direct, gram = newton_schulz_direct(m), newton_schulz(m)
+    assert gram.isfinite().all(), name
+    assert (gram - direct).norm() <= 1e-3 * max(direct.norm(), 1e-12), name
+
+
+def test_muon_shapes_take_about_half_the_direct_forms_flops():
+    from torch.utils.flop_counter import FlopCounterMode
+    flops = {}
+    for form in (newton_schulz, newton_schulz_direct):
+        with FlopCounterMode(display=False) as count:
+            for rows, cols in [(64, 288), (128, 576)]:
+                form(torch.randn(rows, cols))
+        flops[form] = count.get_total_flops()
+    assert flops[newton_schulz] < 0.55 * flops[newton_schulz_direct], flops
+
+
+def test_gram_pays_where_the_long_side_is_long_enough():
+    assert gram_pays(64, 288, 5) and gram_pays(128, 576, 5) and gram_pays(128, 576, 2)
+    assert not gram_pays(64, 64, 5)  # square: the Gram form's m x m products are the whole cost
+    assert not gram_pays(128, 576, 1)  # one iteration: the same products, more ops
+    assert gram_pays(100, 151, 5) and not gram_pays(100, 150, 5)  # 5 iterations pay from long > 1.5 short
+
+
+def test_half_precision_takes_the_direct_form():
+    g = torch.randn(64, 288, generator=torch.Generator().manual_seed(0)).bfloat16()
+    assert torch.equal(newton_schulz(g), newton_schulz_direct(g))
+
+
+@pytest.fixture
+def fp32_precision():
+    """Restores torch's fp32 matmul settings after the test."""
+    b = torch.backends
+    saved = (b.fp32_precision, b.cuda.matmul.fp32_precision, b.mkldnn.fp32_precision, b.mkldnn.matmul.fp32_precision)
+    yield b
+    torch.set_float32_matmul_precision("highest")  # the legacy setting's own state, then the new API's
+    b.fp32_precision = saved[0]
+    b.cuda.matmul.fp32_precision, b.mkldnn.fp32_precision, b.mkldnn.matmul.fp32_precision = saved[1:]
+
+
+@pytest.mark.parametrize("set_, cuda, cpu", [
+    (lambda b: None, True, True),  # torch's defaults: fp32 matmuls in fp32
+    (lambda b: torch.set_float32_matmul_precision("high"), False, False),  # TF32 on both backends
+    (lambda b: setattr(b.cuda.matmul, "allow_tf32", True), False, True),  # the legacy CUDA switch
+    (lambda b: setattr(b.mkldnn.matmul, "fp32_precision", "bf16"), True, False),
+    (lambda b: setattr(b, "fp32_precision", "tf32"), False, False),  # the generic level reaches both
+    (lambda b: (setattr(b, "fp32_precision", "tf32"), setattr(b.cuda.matmul, "fp32_precision", "ieee")), True, False),
+])
+def test_exact_fp32_matmul_reads_torchs_precision_settings(fp32_precision, set_, cuda, cpu):
+    set_(fp32_precision)
+    assert optim.exact_fp32_matmul("cuda") is cuda and optim.exact_fp32_matmul("cpu") is cpu
+
+
+def test_reduced_precision_fp32_matmuls_take_the_direct_form(fp32_precision):
+    g = torch.randn(64, 288, generator=torch.Generator().manual_seed(0))
+    fp32_precision.mkldnn.matmul.fp32_precision = "bf16"
+    assert torch.equal(newton_schulz(g), newton_schulz_direct(g))
+    fp32_precision.mkldnn.matmul.fp32_precision = "ieee"
+    assert not torch.equal(newton_schulz(g), newton_schulz_direct(g))  # the Gram form again
 
 
 def test_muon_takes_conv2_and_conv3_weights_and_adam_the_rest():
