@@ -38,7 +38,8 @@ from cnn.progress import Progress
 from cnn.rundir import RunDir, record
 from cnn.tracking import job_facts, make_tracker
 from data import mnist
-from data.sharding import DeviceDataset, batch_indices, epoch_indices, step_seed, steps_per_epoch, to_device
+from data.sharding import (DeviceDataset, batch_indices, epoch_indices, seed_step, step_seed, steps_per_epoch,
+                           to_device)
 
 STOP_CHECK_EVERY = 10  # steps between the (host-only) collectives that agree on a SIGTERM / Ctrl-C stop
 
@@ -128,7 +129,7 @@ def train(cfg: Config, d: distributed.Dist, stop: distributed.StopRequest) -> in
             idx = batch_indices(share, s, per_rank)
             x, y = train_set.images[idx], train_set.labels[idx]
             set_lr(opt, step, total_steps, cfg.optim)
-            torch.manual_seed(step_seed(cfg.seed, step, d.rank))
+            seed_step(step_seed(cfg.seed, step, d.rank), d.device)
             with prec.autocast():
                 logits = model(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.optim.label_smoothing)

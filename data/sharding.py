@@ -94,6 +94,21 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
+def seed_step(seed: int, device: torch.device) -> None:
+    """Seeds what a step draws from (dropout masks): the CPU's default generator and, on CUDA,
+    the training device's -- what torch.manual_seed does to these two, bit for bit.
+
+    Not torch.manual_seed itself, every step: it also seeds every other device type, and for each
+    one not initialized (XPU and MTIA on a CUDA node; CUDA as well on a CPU one) it queues the
+    seeding with the caller's traceback.format_stack() (torch/random.py `_manual_seed_impl`,
+    `_lazy_call` in torch/{cuda,xpu,mtia}/__init__.py; torch 2.14.1): 0.2-0.3 ms of host time a
+    call on a 2-core AMD EPYC, ~1 us this way (docs/performance.md)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.default_generators[index].manual_seed(seed)
+
+
 def eval_shard(num_samples: int, rank: int, world_size: int) -> tuple[int, int]:
     """[start, stop) of the test set evaluated by this rank: contiguous, no padding.
 

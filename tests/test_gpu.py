@@ -84,6 +84,18 @@ def test_no_host_device_sync_between_log_points(mnist_root, tmp_path, prec):
     assert read_summary(tmp_path)["steps"] == 100
 
 
+def test_seed_step_seeds_the_cuda_generator_as_torch_manual_seed_does():
+    from data.sharding import seed_step
+    dev = torch.device("cuda", 0)
+    torch.manual_seed(1234)
+    want = torch.nn.functional.dropout(torch.ones(4096, device=dev), 0.25), torch.rand(5, device=dev), torch.rand(5)
+    torch.manual_seed(0)
+    torch.rand(7, device=dev)  # the generator's offset moved on: seed_step must reset it too
+    seed_step(1234, dev)
+    got = torch.nn.functional.dropout(torch.ones(4096, device=dev), 0.25), torch.rand(5, device=dev), torch.rand(5)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
 def test_muon_update_replays_as_a_cuda_graph_and_matches_the_eager_step():
     """optim.GraphedUpdate: the first step eager (it makes the momentum buffers), then one replay a
     step with the learning rate changing; a load_state_dict (new buffers) captures again."""

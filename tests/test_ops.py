@@ -39,3 +39,22 @@ def test_a_training_step_dispatches_no_more_ops_than_its_budget(mnist_root, tmp_
     assert by_name["allreduce_"] >= 1 and by_name["convolution_backward"] == 3  # the whole step was counted
     assert ops <= budget, f"{ops} ops per step, budget {budget}: {by_name}"
 
+
+def test_the_loop_formats_no_traceback_per_step(mnist_root, tmp_path, monkeypatch):
+    """Host work the op count cannot see: torch.manual_seed formats the caller's stack for each device
+    type not initialized (data/sharding.py seed_step) -- it was called every step."""
+    import traceback
+    calls = []
+    real = traceback.format_stack
+    monkeypatch.setattr(traceback, "format_stack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    clear_launcher_env(monkeypatch)
+    steps = 12
+    cfg = config.parse_args(smoke_args(mnist_root, tmp_path, "data.train_subset=1280", "train.batch_size=64",
+                                       f"train.max_steps={steps}", "train.log_every=50", "data.test_subset=100",
+                                       "precision=fp32"))
+    d = distributed.setup("cpu", 60)
+    try:
+        assert train_ddp.train(cfg, d, distributed.StopRequest(announce=False)) == 0
+    finally:
+        distributed.cleanup()
+    assert len(calls) < steps, f"{len(calls)} stacks formatted in a {steps}-step run"

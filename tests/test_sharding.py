@@ -1,7 +1,9 @@
+import traceback
+
 import pytest
 import torch
 
-from data.sharding import batch_indices, epoch_indices, eval_shard, normalize, steps_per_epoch
+from data.sharding import batch_indices, epoch_indices, eval_shard, normalize, seed_step, step_seed, steps_per_epoch
 
 
 @pytest.mark.parametrize("world_size", range(1, 9))
@@ -64,3 +66,27 @@ def test_normalized_training_set_is_standardized(mnist_root):
     y = normalize(images)
     assert y.mean().item() == pytest.approx(0.0, abs=1e-3)
     assert y.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_seed_step_draws_what_torch_manual_seed_draws():
+    seed = step_seed(3, 17, 1)
+    torch.manual_seed(seed)
+    want = torch.nn.functional.dropout(torch.ones(1000), 0.25), torch.rand(5)
+    torch.manual_seed(0)
+    seed_step(seed, torch.device("cpu"))
+    got = torch.nn.functional.dropout(torch.ones(1000), 0.25), torch.rand(5)
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+def test_seed_step_formats_no_traceback(monkeypatch):
+    """torch.manual_seed formats the caller's stack for each device type not initialized (MTIA at
+    least, on any machine these tests run on): host time every step."""
+    calls = []
+    real = traceback.format_stack
+    monkeypatch.setattr(traceback, "format_stack", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(1)
+    assert calls, "torch.manual_seed formatted no stack: the reason for seed_step is gone"
+    calls.clear()
+    for step in range(10):
+        seed_step(step_seed(0, step, 0), torch.device("cpu"))
+    assert not calls
