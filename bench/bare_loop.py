@@ -3,6 +3,7 @@ bookkeeping cost?
 
     python bench/bare_loop.py                                # fp32 and bf16, 1 and 2 ranks, 3 rounds
     python bench/bare_loop.py --precisions fp32 --nprocs 2 --rounds 5 --steps 300
+    python bench/bare_loop.py --nprocs 1 --steps 600 -- train.batch_size=8 optim.muon_lr=0   # host-bound
 
 The bare loop is the same model, optimizer (Adam + Muon), schedule, label smoothing, dropout,
 data resident on the device, memory format, batch sharding, precision, DDP flags, threads per rank, malloc
@@ -14,7 +15,9 @@ run `--steps` steps and report images/s after the first `train.log_every` steps 
 its training clock, as it has no counterpart here; W&B's cost: bench/wandb_overhead.py). Every
 round runs each pair back to back, trainer first in odd rounds and bare first in even ones (A B B A),
 so a shared machine's drift and any order effect hit both alike;
-the table gives medians and the median of the per-round ratios.
+the table gives medians and the median of the per-round ratios. Overrides after `--` go to both
+sides: a tiny batch with Adam alone makes a CPU step short enough that the loop's host work per
+step shows, as it does on a GPU, where the host is the bottleneck.
 """
 
 from __future__ import annotations
@@ -102,9 +105,10 @@ def launch(nproc: int, entry: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *entry]
 
 
-def run_pair(nproc: int, prec: str, steps: int, root: str, tmp: Path, bare_first: bool) -> tuple[float, float]:
+def run_pair(nproc: int, prec: str, steps: int, root: str, tmp: Path, bare_first: bool,
+             overrides: list[str]) -> tuple[float, float]:
     common = ["--config", "configs/default.yaml", f"data.root={root}", f"precision={prec}", f"train.max_steps={steps}",
-              "wandb.mode=disabled", "train.roofline=false"]
+              "wandb.mode=disabled", "train.roofline=false", *overrides]
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // nproc)))
     run_dir = tmp / f"run-{time.monotonic_ns()}"
@@ -141,18 +145,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=200, help="steps per run (the default recipe's first 200)")
     p.add_argument("--root", default="datasets", help="data.root")
+    p.add_argument("overrides", nargs="*", help="config overrides for both sides (key=value), after --")
     a = p.parse_args()
     results: dict[tuple[int, str], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(a.rounds):
             for nproc in a.nprocs:
                 for prec in a.precisions:
-                    pair = run_pair(nproc, prec, a.steps, a.root, Path(tmp), bare_first=r % 2 == 1)
+                    pair = run_pair(nproc, prec, a.steps, a.root, Path(tmp), r % 2 == 1, a.overrides)
                     results.setdefault((nproc, prec), []).append(pair)
                     print(f"round {r + 1}: {nproc} rank(s) {prec}: trainer {pair[0]:.0f} img/s, bare {pair[1]:.0f} "
                           f"img/s, ratio {pair[0] / pair[1]:.3f}", flush=True)
     print(f"\n{'ranks':>5} {'precision':>9} {'trainer img/s':>13} {'bare img/s':>10} {'trainer/bare':>12} "
-          f"(median of {a.rounds} rounds, {a.steps} steps each)")
+          f"(median of {a.rounds} rounds, {a.steps} steps each{'; ' + ' '.join(a.overrides) if a.overrides else ''})")
     for (nproc, prec), pairs in results.items():
         ratio = statistics.median(o / t for o, t in pairs)
         print(f"{nproc:>5} {prec:>9} {statistics.median(o for o, _ in pairs):>13.0f} "

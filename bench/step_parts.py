@@ -9,7 +9,9 @@ bf16 autocast unless a row says fp32) on random data already on the device, DDP 
 (static_graph, gradient_as_bucket_view: train_ddp's flags). Rows drop one part at a time -- DDP,
 Muon, the optimizer, the backward -- or replace it: Muon's update as a CUDA graph
 (train.muon_cuda_graph), `torch.compile` of the optimizer step (constant learning rate, so that it
-does not recompile each step), the model compiled with mode=reduce-overhead. On a GPU the step is
+does not recompile each step), the model compiled with mode=reduce-overhead -- or add one: the
+trainer's per-step reseeding (dropout masks), by torch.manual_seed as it was until 2026-12-04 or by
+data.sharding.seed_step as it is now. On a GPU the step is
 host-bound when the wall clock per step is far above the profiler's CUDA time per step (printed last).
 """
 
@@ -30,11 +32,14 @@ BATCH = 128
 WARMUP_STEPS = 30
 
 # name -> options: ddp, muon, prec, part (full | fwdbwd | opt), lr (schedule each step), graph
-# (Muon as a CUDA graph), compile_opt, compile_model (a torch.compile mode); cuda: CUDA only
+# (Muon as a CUDA graph), compile_opt, compile_model (a torch.compile mode), seed (torch | step: reseed
+# each step by torch.manual_seed or seed_step); cuda: CUDA only
 ROWS = {
     "bare bf16 (DDP, Adam + Muon, schedule)": {},
     "bare bf16, Muon as a CUDA graph": {"graph": True, "cuda": True},
     "bare fp32": {"prec": "fp32"},
+    "bare bf16 + torch.manual_seed each step": {"seed": "torch"},
+    "bare bf16 + seed_step each step (the trainer's)": {"seed": "step"},
     "no DDP": {"ddp": False},
     "Adam only": {"muon": False},
     "forward + backward only (DDP)": {"part": "fwdbwd"},
@@ -48,7 +53,7 @@ ROWS = {
 
 
 def build(device, cfg, ddp=True, muon=True, prec="bf16", part="full", lr=True, graph=False, compile_opt=False,
-          compile_model=None):
+          compile_model=None, seed=None):
     """One row's step function: step(i) runs optimizer step i of a 10,000-step schedule."""
     import torch
     import torch.nn.functional as F
@@ -56,6 +61,7 @@ def build(device, cfg, ddp=True, muon=True, prec="bf16", part="full", lr=True, g
 
     from cnn.model import CNN
     from cnn.optim import build_optimizer, set_lr
+    from data.sharding import seed_step
 
     torch.manual_seed(0)
     raw = CNN(0.0).to(device).to(memory_format=torch.channels_last)
@@ -81,6 +87,10 @@ def build(device, cfg, ddp=True, muon=True, prec="bf16", part="full", lr=True, g
     def step(i: int) -> None:
         if lr:
             set_lr(opt, i, 10_000, ocfg)
+        if seed == "torch":
+            torch.manual_seed(i)
+        elif seed == "step":
+            seed_step(i, device)
         if part != "opt":
             forward_backward(i)
         if part != "fwdbwd":

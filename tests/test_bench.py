@@ -63,3 +63,11 @@ def test_step_parts_script():
              if line[:8].strip().replace(".", "").isdigit()]
     assert timed == ["bare fp32", "opt.step only (Adam)"], proc.stdout[-2000:]
     assert "profiler, 20 steps of 'bare fp32'" in proc.stdout
+
+
+def test_muon_share_script():
+    """bench/muon_share.py: one row per (iteration count, form), in the order asked for."""
+    proc = run([sys.executable, "bench/muon_share.py", "--ns", "5", "2", "--rounds", "1", "--block", "2"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line.split()[:2] for line in proc.stdout.splitlines() if line.split()[:1] in (["5"], ["2"])]
+    assert rows == [["5", "gram"], ["5", "direct"], ["2", "gram"], ["2", "direct"]], proc.stdout
