@@ -66,8 +66,7 @@ def bare(argv: list[str]) -> None:
         raw = raw.to(memory_format=torch.channels_last)
     opt = build_optimizer(raw, cfg.optim, cfg.train.muon_cuda_graph)
     autocast = precision.autocast_for(cfg.precision, d.device) if cfg.precision != "fp32" else None
-    ddp = DDP(raw, device_ids=[d.device.index] if d.device.type == "cuda" else None, gradient_as_bucket_view=True,
-              static_graph=True)
+    ddp = DDP(raw, device_ids=[d.device.index] if d.device.type == "cuda" else None, gradient_as_bucket_view=True)
     warm = cfg.train.log_every
     share, t0 = None, None
     for step in range(total):

@@ -39,7 +39,7 @@ def main() -> None:
         for name in ("without", "with"):
             raw = CNN().to(memory_format=torch.channels_last)
             stats = RankStats(raw, d.device, d.world_size, lambda m: None) if name == "with" else NullRankStats()
-            model = DDP(raw, gradient_as_bucket_view=True, static_graph=True)
+            model = DDP(raw, gradient_as_bucket_view=True)  # the trainer's flags
             variants[name] = (model, torch.optim.Adam(raw.parameters()), stats)
 
         def block(name: str) -> float:

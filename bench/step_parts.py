@@ -6,7 +6,7 @@ interleaved rounds (A B C ... then ... C B A), medians; then a profiler table of
 
 The step is the default recipe's (batch 128, Adam + Muon, one-cycle schedule, label smoothing 0.1,
 bf16 autocast unless a row says fp32) on random data already on the device, DDP with one rank
-(static_graph, gradient_as_bucket_view: train_ddp's flags). Rows drop one part at a time -- DDP,
+(gradient_as_bucket_view: train_ddp's flags). Rows drop one part at a time -- DDP,
 Muon, the optimizer, the backward -- or replace it: Muon's update as a CUDA graph
 (train.muon_cuda_graph), `torch.compile` of the optimizer step (constant learning rate, so that it
 does not recompile each step), the model compiled with mode=reduce-overhead -- or add one: the
@@ -67,8 +67,8 @@ def build(device, cfg, ddp=True, muon=True, prec="bf16", part="full", lr=True, g
     raw = CNN(0.0).to(device).to(memory_format=torch.channels_last)
     ocfg = cfg if muon else dataclasses.replace(cfg, muon_lr=0.0)
     opt = build_optimizer(raw, ocfg, cuda_graph=graph)
-    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True,
-                static_graph=True) if ddp else raw
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None,
+                gradient_as_bucket_view=True) if ddp else raw
     if compile_model:
         model = torch.compile(model, mode=compile_model)
     opt_step = torch.compile(opt.step) if compile_opt else opt.step

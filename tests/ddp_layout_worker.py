@@ -37,7 +37,7 @@ def same(a, b) -> bool:
     return all(torch.equal(p, q) for p, q in zip(a, b))
 
 
-plain = DDP(model(), gradient_as_bucket_view=True, static_graph=True)  # as train_ddp.py had it
+plain = DDP(model(), gradient_as_bucket_view=True)  # the flags cnn.distributed.wrap uses
 first, second, third, fourth = (backward(plain) for _ in range(4))
 settled = distributed.wrap(model(), torch.device("cpu"), x, contextlib.nullcontext)
 settled_first = backward(settled)

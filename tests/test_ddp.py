@@ -9,9 +9,9 @@ WORKER = REPO / "tests" / "ddp_layout_worker.py"
 
 
 def test_first_step_reduces_in_the_final_bucket_layout():
-    """Three gloo ranks: plain DDP's first backward sums in another order than its third and later
-    ones (the layout is rebuilt once, after the graph is known); after wrap(), the first training
-    backward is reduced exactly as a plain DDP's third."""
+    """Three gloo ranks: plain DDP's first backward sums in another order than its later ones (the
+    layout is rebuilt once, at the forward after the gradient-ready order is known); after wrap(),
+    the first training backward is reduced exactly as a plain DDP's third."""
     proc = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", str(WORKER)],
                timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]

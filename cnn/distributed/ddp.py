@@ -11,34 +11,37 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 def wrap(model: torch.nn.Module, device: torch.device, sample: torch.Tensor,
          autocast: Callable[[], ContextManager]) -> DDP:
-    """`model` in DDP (gradients as bucket views, static graph), then one silent backward on
-    `sample` so that every training step, the first one of a process included, all-reduces in the
-    same bucket layout (collective). Changes no weight, no optimizer state, no RNG stream.
+    """`model` in DDP (gradients as bucket views), then one silent backward on `sample` so that
+    every training step, the first one of a process included, all-reduces in the same bucket
+    layout (collective). Changes no weight, no optimizer state, no RNG stream.
 
-    Why: DDP reduces a process's first backwards in its *initial* bucket layout (parameters in
+    Why: DDP reduces a process's first backward in its *initial* bucket layout (parameters in
     reverse registration order) and then rebuilds the buckets once, in the order gradients became
-    ready (reducer.hpp `rebuild_buckets`: "only rebuilt once"); under static_graph the first
-    backward only records the graph and reduces every bucket at its end, so the new layout is used
-    from the third backward on (measured, torch 2.14 CPU gloo, 3 ranks: a process's backwards 1
-    and 2 reduce identically, 3 onward differently, and stay). gloo's ring all-reduce sums each
-    element of three or more ranks in an order set by its offset in the bucket, so a job restarted
-    at step k ran steps k+1, k+2 in another layout than the uninterrupted job did, and lost bitwise
-    equality at world size >= 3 (two ranks' sum is exact in any order). With the layout settled
-    here, step 1 and a resumed step k+1 are reduced like every other step. Cost: two forward and
-    backward passes of one batch at start-up.
+    ready (reducer.hpp `rebuild_buckets`: "only rebuilt once"), at the next forward: from the
+    second backward on the layout is the final one (measured, torch 2.14 CPU gloo, 3 ranks:
+    tests/test_ddp.py). gloo's ring all-reduce sums each element of three or more ranks in an order
+    set by its offset in the bucket, so a job restarted at step k ran step k+1 in another layout
+    than the uninterrupted job did, and lost bitwise equality at world size >= 3 (two ranks' sum
+    is exact in any order). With the layout settled here, step 1 and a resumed step k+1 are
+    reduced like every other step. Cost: one forward and backward pass of one batch at start-up.
+
+    Not static_graph=True (used until 2026-12-04): it helps where parameters go unused or the
+    backward is reentrant (activation checkpointing), neither here, and it cost 20 host-side ops
+    every backward (a `select` and a `_local_scalar_dense` per parameter: 212 -> 192 ops a step in
+    fp32, tests/test_ops.py); under it the first backward only records the graph, and the layout
+    settled from the third.
     """
     ddp = DDP(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         gradient_as_bucket_view=True,  # gradients live in the all-reduce buckets: no copy
-        static_graph=True,  # same graph every step: lets DDP skip per-step unused-parameter search
     )
     if dist.get_world_size() > 1:
         settle_buckets(ddp, sample, autocast)
     return ddp
 
 
-SETTLING_BACKWARDS = 2  # under static_graph: the graph is recorded, then the gradient-ready order
+SETTLING_BACKWARDS = 1  # records the gradient-ready order; the next forward rebuilds the buckets
 
 
 def settle_buckets(ddp: DDP, sample: torch.Tensor, autocast: Callable[[], ContextManager]) -> None:

@@ -6,7 +6,7 @@ import collections
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
-COUNTED_STEP = 4  # of this process: compiled, warm, DDP's buckets rebuilt (at a 1-rank job's 3rd forward: no settling)
+COUNTED_STEP = 4  # of this process: compiled, warm, DDP's buckets rebuilt (at a 1-rank job's 2nd forward: no settling)
 
 
 class OpCounter(TorchDispatchMode):
