@@ -89,7 +89,7 @@ class RankStats(NullRankStats):
         self._pairs: list[tuple[Any, Any]] = []  # CUDA: (last gradient ready, backward returned) events per step
         self._wait_s, self._steps, self._delayed = 0.0, 0, False
         # Every parameter is hooked for the first backward, to learn which gradient comes last
-        # (the order is fixed: static graph); after it only that one stays hooked.
+        # (the order is fixed: the same graph every step); after it only that one stays hooked.
         self._last: torch.Tensor | None = None
         self._handles = {id(p): p.register_post_accumulate_grad_hook(self._on_grad)
                          for p in model.parameters() if p.requires_grad}
