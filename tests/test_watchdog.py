@@ -71,3 +71,21 @@ def test_a_rank_that_keeps_stepping_lives_and_a_stopped_watchdog_never_fires():
     """)
     assert proc.returncode == 0 and proc.stdout == "done\n", proc.stderr
     assert proc.stderr == ""
+
+
+def test_the_watchdog_works_where_sys_stderr_is_not_a_file():
+    """A notebook's or pytest's sys.stderr has no file descriptor: faulthandler, given it, raised on
+    the watchdog's thread at its first arming, and the hung process slept on."""
+    code = textwrap.dedent(f"""
+        import io, sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        sys.stderr = io.StringIO()
+        from cnn.distributed.watchdog import Watchdog
+        dog = Watchdog(timeout_s=1.0, rank=3, poll_s=0.2, grace_s=0.5)
+        dog.beat(0)
+        time.sleep(10)
+        print("slept through")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "slept through" not in proc.stdout, (proc.returncode, proc.stderr)
+    assert "rank 3: no progress" in proc.stderr and "rank 3: watchdog exit" in proc.stderr

@@ -11,6 +11,10 @@ import time
 GRACE_S = 5.0  # past the collective timeout: a healthy rank waiting on a hung peer times out first
 POLL_S = 1.0
 EXIT_CODE = 1
+# where the stacks and lines go: the process's stderr itself, not sys.stderr, which may not be a file
+# (a notebook's, pytest's capture, a wrapper): faulthandler then raised io.UnsupportedOperation on
+# the watchdog's thread, which died and watched nothing
+STDERR_FD = 2
 
 
 class Watchdog:
@@ -56,7 +60,7 @@ class Watchdog:
             if now > deadline:
                 self._fire(now - deadline + self.timeout_s + self.grace_s)
             if deadline != armed:  # the C-level backstop, should this thread never run again
-                faulthandler.dump_traceback_later(deadline - now + 3 * self.poll_s, exit=True)
+                faulthandler.dump_traceback_later(deadline - now + 3 * self.poll_s, exit=True, file=STDERR_FD)
                 armed = deadline
 
     def _fire(self, idle_s: float) -> None:
@@ -64,7 +68,7 @@ class Watchdog:
         _write(f"rank {self.rank}: no progress for {idle_s:.0f} s ({where}; dist.timeout_s {self.timeout_s:g} "
                f"+ {self.grace_s:g} s): this rank is hung. Every thread's stack follows; exiting "
                f"({EXIT_CODE}). dist.watchdog=false turns this off (for debuggers).\n")
-        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        faulthandler.dump_traceback(file=STDERR_FD, all_threads=True)
         _write(f"rank {self.rank}: watchdog exit\n")
         os._exit(EXIT_CODE)
 
@@ -90,6 +94,6 @@ def make_watchdog(enabled: bool, timeout_s: float, rank: int) -> Watchdog | Null
 
 def _write(msg: str) -> None:
     try:
-        os.write(2, msg.encode())
+        os.write(STDERR_FD, msg.encode())
     except OSError:
         pass
