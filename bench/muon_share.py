@@ -7,7 +7,8 @@ One process: the default recipe's model (channels_last), Adam + Muon and loss, o
 of the default global batch (128 over 2 ranks). Every round runs a block of steps for each
 (iteration count, form) in turn (A B C A B C ...), so the machine's drift hits all alike; a step is timed
 from the batch slice to the end of the optimizer step (CPU: synchronous), Muon's part around its
-step(). Prints the median step time and Muon's share per count.
+step(). glibc's malloc thresholds are fixed as the trainer fixes them (train.keep_heap). Prints the
+median step time and Muon's share per count.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cnn import config, precision  # noqa: E402
+from cnn import config, perf, precision  # noqa: E402
 from cnn.model import CNN  # noqa: E402
 from cnn import optim  # noqa: E402
 from cnn.optim import build_optimizer  # noqa: E402
@@ -42,6 +43,9 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     cfg = config.parse_args(["--config", "configs/default.yaml"])
+    # as the trainer (train.keep_heap): without it this process re-faults its activations' pages every
+    # step, which made a bf16 step ~1.5x as long here and Muon's share look two thirds of what it is
+    print(perf.keep_heap(cfg.train.keep_heap))
     autocast = precision.autocast_for(a.precision, torch.device("cpu"))
     torch.manual_seed(0)
     x = torch.randn(a.batch, 1, 28, 28).contiguous(memory_format=torch.channels_last)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cnn import distributed  # noqa: E402
+from cnn import distributed, perf  # noqa: E402
 from cnn.model import CNN  # noqa: E402
 from cnn.perf import NullRankStats, RankStats  # noqa: E402
 
@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64, help="images per rank per step (the default run's on 2 ranks)")
     args = p.parse_args()
     d = distributed.setup("cpu")
+    perf.keep_heap(True)  # as the trainer (train.keep_heap): else glibc's history decides the page faults
     try:
         torch.manual_seed(0)
         x, y = torch.randn(args.batch, 1, 28, 28), torch.randint(0, 10, (args.batch,))

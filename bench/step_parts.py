@@ -116,8 +116,9 @@ def main() -> None:
     import torch.distributed as dist
     from torch.profiler import ProfilerActivity, profile
 
-    from cnn import config
+    from cnn import config, perf
 
+    perf.keep_heap(True)  # as the trainer (train.keep_heap): else glibc's history decides a CPU step's page faults
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", 0)
