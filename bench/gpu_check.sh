@@ -5,6 +5,7 @@
 #   bash bench/gpu_check.sh --bundle DIR             # on the GPU machine
 #   bash bench/gpu_check.sh --bundle DIR --dry-run   # anywhere: stops where CUDA is required
 #   bash bench/gpu_check.sh                          # omegaconf installed and MNIST in datasets/ already
+#   bash bench/gpu_check.sh --bundle DIR --gap       # steps 1-4, then the host-time measurements
 #
 # 1. installs the bundle's wheels with the package index disabled (into a scratch folder on
 #    PYTHONPATH; nothing is installed into the system) and checks, one line each, every import the
@@ -17,21 +18,27 @@
 #    rows as the time left fits (what is left out is printed, with why), as one table (images/s
 #    whole-run and steady, warm-up, seconds to 99%, MFU against the measured and the datasheet
 #    peak, peak GPU memory, CUDA-graph replays). No completed row is a failure.
+#    With --gap, step 5 is instead where a host-bound step's time goes: the trainer against the bare
+#    loop (bench/bare_loop.py, bf16, one process; then again with train.rank_stats=false) and the
+#    bare step's parts (bench/step_parts.py: the reseeding rows, Muon's graph), in that order, each
+#    while the budget has its estimate left (else a line saying it is left out), into gap.txt.
 # Without CUDA (or with --dry-run) it prints the plan and stops after step 4 with a line saying
 # so; --dry-run exits 0.
-# Output: preflight.txt, env.txt, tests.txt, table.txt, results.jsonl, failures.log in $OUT (or a temp folder);
+# Output: preflight.txt, env.txt, tests.txt, table.txt, results.jsonl, failures.log (--gap: gap.txt,
+# gap-errors.log) in $OUT (or a temp folder);
 # run folders and checkpoints stay in a scratch folder that is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUDGET_S=${GPU_CHECK_BUDGET_S:-285}  # all of it; the trainer runs get what the tests leave
-BUNDLE="" DRY=0
+BUNDLE="" DRY=0 GAP=0
 while [ $# -gt 0 ]; do
   case $1 in
     --bundle) BUNDLE=${2:?--bundle needs a folder}; shift 2 ;;
     --bundle=*) BUNDLE=${1#--bundle=}; shift ;;
     --dry-run) DRY=1; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
-    *) echo "error: unknown argument '$1' (usage: bash bench/gpu_check.sh [--bundle DIR] [--dry-run])" >&2; exit 2 ;;
+    --gap) GAP=1; shift ;;
+    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument '$1' (usage: bash bench/gpu_check.sh [--bundle DIR] [--gap] [--dry-run])" >&2; exit 2 ;;
   esac
 done
 PY=${PYTHON:-python3}
@@ -78,6 +85,14 @@ else
   "$PY" -c "import sys; from data import mnist; m = mnist.verify(sys.argv[1]); sys.exit(f'error: {sys.argv[1]} lacks {m}: pass --bundle DIR or set DATA_ROOT' if m else 0)" "$DATA"
 fi
 
+# --gap's measurements in order: the seconds each needs, then its command line (estimates: ~35 s each
+# on a 2-core CPU, doubled and more for CUDA's start-up in each of a comparator's 4 processes)
+GAP_RUNS=(
+  "100|$PY bench/bare_loop.py --nprocs 1 --precisions bf16 --rounds 2 --steps 234 --root $DATA"
+  "60|$PY bench/step_parts.py --rounds 2 --only 'bare,opt.step only (Adam + Muon'"
+  "100|$PY bench/bare_loop.py --nprocs 1 --precisions bf16 --rounds 2 --steps 234 --root $DATA -- train.rank_stats=false"
+)
+
 step "4/5 tests (GPU tests skip without CUDA)"
 # one process, with or without pytest-xdist: pyproject's addopts less xdist's options, xdist blocked
 mapfile -t PYTEST_ARGS < <("$PY" bench/gpu_runs.py --pytest-args)
@@ -90,10 +105,37 @@ tail -1 "$OUT/tests.txt"
 
 if [ "$DRY" = 1 ] || ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   # the plan that step 5 would run with this much time left on one GPU (and the runner's imports)
-  "$PY" bench/gpu_runs.py --plan --gpus 1 --deadline-s="$((BUDGET_S - SECONDS))" --data "$DATA"
+  if [ "$GAP" = 1 ]; then
+    echo "step 5 (--gap) would run, each while its estimate is left:"
+    for run in "${GAP_RUNS[@]}"; do echo "  ~${run%%|*}s: ${run#*|}"; done
+  else
+    "$PY" bench/gpu_runs.py --plan --gpus 1 --deadline-s="$((BUDGET_S - SECONDS))" --data "$DATA"
+  fi
   reason=$([ "$DRY" = 1 ] && echo "--dry-run" || echo "torch.cuda.is_available() is False")
   echo "stopping before 5/5: the trainer runs need CUDA ($reason); install, imports, MNIST and tests passed. Output: $OUT"
   [ "$DRY" = 1 ] && exit 0 || exit 1
+fi
+
+if [ "$GAP" = 1 ]; then
+  step "5/5 host time per step: the trainer against the bare loop, the step's parts"
+  status=0 ran=0
+  for run in "${GAP_RUNS[@]}"; do
+    need=${run%%|*} cmd=${run#*|} left=$((BUDGET_S - SECONDS))
+    if [ "$left" -lt "$need" ]; then
+      echo "left out (needs ~${need}s, ${left}s left): $cmd" | tee -a "$OUT/gap.txt"
+      continue
+    fi
+    echo "\$ $cmd" | tee -a "$OUT/gap.txt"
+    ran=$((ran + 1))
+    eval "timeout $left $cmd" 2>>"$OUT/gap-errors.log" | tee -a "$OUT/gap.txt" \
+      || { status=1; echo "failed, or cut at the budget: $cmd (stderr: $OUT/gap-errors.log)" | tee -a "$OUT/gap.txt"; }
+  done
+  if [ "$ran" = 0 ]; then
+    echo "error: no measurement fitted the time left; raise GPU_CHECK_BUDGET_S (now $BUDGET_S)" >&2
+    exit 1
+  fi
+  echo "done in ${SECONDS}s; figures in $OUT/gap.txt"
+  exit $status
 fi
 
 step "5/5 trainer on CUDA"

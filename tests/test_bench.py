@@ -71,3 +71,19 @@ def test_muon_share_script():
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line.split()[:2] for line in proc.stdout.splitlines() if line.split()[:1] in (["5"], ["2"])]
     assert rows == [["5", "gram"], ["5", "direct"], ["2", "gram"], ["2", "direct"]], proc.stdout
+
+
+def test_bare_loop_script(mnist_root):
+    """bench/bare_loop.py, the comparator of the trainer against a bare DDP loop (and the GPU check's
+    --gap stage runs it): both sides train, and the table has the row with their ratio; the overrides
+    after -- reach both sides (a tiny, Adam-only run here, as the docstring's host-bound example)."""
+    proc = run([sys.executable, "bench/bare_loop.py", "--nprocs", "1", "--precisions", "fp32", "--rounds", "1",
+                "--steps", "20", "--root", str(mnist_root), "--", "train.batch_size=16", "optim.muon_lr=0",
+                "train.log_every=5", "data.test_subset=500"], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "round 1: 1 rank(s) fp32: trainer" in proc.stdout, proc.stdout
+    rows = [line.split() for line in proc.stdout.splitlines() if line.split()[:2] == ["1", "fp32"]]
+    assert len(rows) == 1 and len(rows[0]) == 5, proc.stdout
+    trainer, bare, ratio = map(float, rows[0][2:])
+    assert trainer > 0 and bare > 0 and abs(ratio - trainer / bare) < 0.01 * ratio + 1e-3
+    assert "20 steps each; train.batch_size=16 optim.muon_lr=0" in proc.stdout
