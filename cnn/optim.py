@@ -10,8 +10,8 @@ two linear layers) stays with Adam.  Measured over the first 29,952 images (234 
 with Muon on the convs, 99.16-99.32% with label smoothing 0.1 on top (the default recipe).
 Muon on the 2048x625 layer helped as much but cost ~4x the step on a CPU (its Newton-Schulz
 products outweigh a batch of 128 images); on the convs, with the Gram form of the iteration,
-~8% of an fp32 step and ~12% of a bf16 one on a 2-core CPU (bench/muon_share.py).  muon_lr=0 is Adam for everything, exactly as before
-Muon was added.
+~8% of an fp32 step and ~12% of a bf16 one on a 2-core CPU (bench/muon_share.py).  muon_lr=0 is
+Adam for everything, exactly as before Muon was added.
 """
 
 from __future__ import annotations

@@ -75,8 +75,8 @@ def test_muon_share_script():
 
 def test_bare_loop_script(mnist_root):
     """bench/bare_loop.py, the comparator of the trainer against a bare DDP loop (and the GPU check's
-    --gap stage runs it): both sides train, and the table has the row with their ratio; the overrides
-    after -- reach both sides (a tiny, Adam-only run here, as the docstring's host-bound example)."""
+    --gap stage runs it): both sides train, and the table has the row with their ratio (a tiny,
+    Adam-only run here, by overrides after --, as the docstring's host-bound example)."""
     proc = run([sys.executable, "bench/bare_loop.py", "--nprocs", "1", "--precisions", "fp32", "--rounds", "1",
                 "--steps", "20", "--root", str(mnist_root), "--", "train.batch_size=16", "optim.muon_lr=0",
                 "train.log_every=5", "data.test_subset=500"], timeout=180)
