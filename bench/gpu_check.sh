@@ -19,8 +19,9 @@
 #    whole-run and steady, warm-up, seconds to 99%, MFU against the measured and the datasheet
 #    peak, peak GPU memory, CUDA-graph replays). No completed row is a failure.
 #    With --gap, step 5 is instead where a host-bound step's time goes: the trainer against the bare
-#    loop (bench/bare_loop.py, bf16, one process; then again with train.rank_stats=false) and the
-#    bare step's parts (bench/step_parts.py: the reseeding rows, Muon's graph), in that order, each
+#    loop (bench/bare_loop.py, bf16, one process; last, again with train.rank_stats=false), the
+#    trainer's own per-step work call by call (bench/loop_cost.py) and the bare step's parts
+#    (bench/step_parts.py: the reseeding rows, Muon's graph), in that order, each
 #    while the budget has its estimate left (else a line saying it is left out), into gap.txt.
 # Without CUDA (or with --dry-run) it prints the plan and stops after step 4 with a line saying
 # so; --dry-run exits 0.
@@ -37,7 +38,7 @@ while [ $# -gt 0 ]; do
     --bundle=*) BUNDLE=${1#--bundle=}; shift ;;
     --dry-run) DRY=1; shift ;;
     --gap) GAP=1; shift ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (usage: bash bench/gpu_check.sh [--bundle DIR] [--gap] [--dry-run])" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +90,7 @@ fi
 # on a 2-core CPU, doubled and more for CUDA's start-up in each of a comparator's 4 processes)
 GAP_RUNS=(
   "100|$PY bench/bare_loop.py --nprocs 1 --precisions bf16 --rounds 2 --steps 234 --root $DATA"
+  "40|$PY bench/loop_cost.py"
   "60|$PY bench/step_parts.py --rounds 2 --only 'bare,opt.step only (Adam + Muon'"
   "100|$PY bench/bare_loop.py --nprocs 1 --precisions bf16 --rounds 2 --steps 234 --root $DATA -- train.rank_stats=false"
 )

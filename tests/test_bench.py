@@ -87,3 +87,13 @@ def test_bare_loop_script(mnist_root):
     trainer, bare, ratio = map(float, rows[0][2:])
     assert trainer > 0 and bare > 0 and abs(ratio - trainer / bare) < 0.01 * ratio + 1e-3
     assert "20 steps each; train.batch_size=16 optim.muon_lr=0" in proc.stdout
+
+
+def test_loop_cost_script():
+    """bench/loop_cost.py on the CPU: a row per item of the trainer's own per-step work and their sum."""
+    proc = run([sys.executable, "bench/loop_cost.py", "--device", "cpu", "--calls", "20"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    for item in ("seed_step", "watchdog.beat", "window.add", "rank stats: hook + after_backward", "stop.agreed"):
+        assert any(line.startswith(item) for line in lines), proc.stdout
+    assert float(lines[-1].split()[-1]) > 0 and lines[-1].startswith("in all, per step"), proc.stdout
