@@ -50,7 +50,7 @@ def main() -> None:
             print(f"seed {seed}: 99% first at step {first} ({s['images_to_99']} images), final "
                   f"{s['test_accuracy']:.4f}, {s['train_seconds']:.1f} s training", flush=True)
     print(f"\noverrides: {' '.join(args.overrides) or '(none: the default config)'}")
-    print(f"| seed | images to 99% | final test accuracy |\n|---:|---:|---:|")
+    print("| seed | images to 99% | final test accuracy |\n|---:|---:|---:|")
     for r in rows:
         i99 = f"{r['images_to_99']:,}" if r["images_to_99"] else "not reached"
         print(f"| {r['seed']} | {i99} | {r['final']:.2%} |")
