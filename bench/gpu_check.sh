@@ -22,7 +22,8 @@
 #    loop (bench/bare_loop.py, bf16, one process; last, again with train.rank_stats=false), the
 #    trainer's own per-step work call by call (bench/loop_cost.py) and the bare step's parts
 #    (bench/step_parts.py: the reseeding rows, Muon's graph), in that order, each
-#    while the budget has its estimate left (else a line saying it is left out), into gap.txt.
+#    while the budget (GPU_CHECK_BUDGET_S; --gap's default 450 s) has its estimate left (else a line
+#    saying it is left out), into gap.txt.
 # Without CUDA (or with --dry-run) it prints the plan and stops after step 4 with a line saying
 # so; --dry-run exits 0.
 # Output: preflight.txt, env.txt, tests.txt, table.txt, results.jsonl, failures.log (--gap: gap.txt,
@@ -30,7 +31,7 @@
 # run folders and checkpoints stay in a scratch folder that is removed at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BUDGET_S=${GPU_CHECK_BUDGET_S:-285}  # all of it; the trainer runs get what the tests leave
+BUDGET_S=${GPU_CHECK_BUDGET_S:-}  # all of it; step 5 gets what the tests leave (default 285 s, --gap 450 s)
 BUNDLE="" DRY=0 GAP=0
 while [ $# -gt 0 ]; do
   case $1 in
@@ -38,10 +39,11 @@ while [ $# -gt 0 ]; do
     --bundle=*) BUNDLE=${1#--bundle=}; shift ;;
     --dry-run) DRY=1; shift ;;
     --gap) GAP=1; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (usage: bash bench/gpu_check.sh [--bundle DIR] [--gap] [--dry-run])" >&2; exit 2 ;;
   esac
 done
+[ -n "$BUDGET_S" ] || BUDGET_S=$([ "$GAP" = 1 ] && echo 450 || echo 285)
 PY=${PYTHON:-python3}
 OUT=${OUT:-$(mktemp -d -t gpu-check-out.XXXXXX)}
 mkdir -p "$OUT"
@@ -91,7 +93,7 @@ fi
 GAP_RUNS=(
   "100|$PY bench/bare_loop.py --nprocs 1 --precisions bf16 --rounds 2 --steps 234 --root $DATA"
   "40|$PY bench/loop_cost.py"
-  "60|$PY bench/step_parts.py --rounds 2 --only 'bare,opt.step only (Adam + Muon'"
+  "60|$PY bench/step_parts.py --rounds 2 --only 'bare bf16,opt.step only (Adam + Muon'"
   "100|$PY bench/bare_loop.py --nprocs 1 --precisions bf16 --rounds 2 --steps 234 --root $DATA -- train.rank_stats=false"
 )
 
@@ -129,7 +131,7 @@ if [ "$GAP" = 1 ]; then
     fi
     echo "\$ $cmd" | tee -a "$OUT/gap.txt"
     ran=$((ran + 1))
-    eval "timeout $left $cmd" 2>>"$OUT/gap-errors.log" | tee -a "$OUT/gap.txt" \
+    eval "timeout -k 15 $left $cmd" 2>>"$OUT/gap-errors.log" | tee -a "$OUT/gap.txt" \
       || { status=1; echo "failed, or cut at the budget: $cmd (stderr: $OUT/gap-errors.log)" | tee -a "$OUT/gap.txt"; }
   done
   if [ "$ran" = 0 ]; then

@@ -6,10 +6,11 @@ that a bare DDP loop does not have (bench/bare_loop.py times the two loops whole
 
 One process (world size 1; on CUDA NCCL and the gloo side group, as the trainer), the trainer's own
 objects on the device the run would use: the dropout reseeding (seed_step), the watchdog's beat, the
-sync check, the fault rehearsal's test, the metrics window's accumulation (6 ops: kernel launches on a
-GPU), the straggler figures' per-step part (the last gradient's hook body and after_backward: host
-clock reads on a CPU, two CUDA events on a GPU), the grad scaler of a bf16/fp32 run (disabled), and
-the stop check, an all-reduce on the gloo group every STOP_CHECK_EVERY steps. Each is called
+sync check, the fault rehearsal's test, the metrics window's accumulation (6 dispatched ops, 5 kernel
+launches on a GPU), the straggler figures' per-step part (the last gradient's hook body, called
+directly rather than by autograd, and after_backward: host clock reads on a CPU, two CUDA events on a
+GPU), the grad scaler of a bf16/fp32 run (disabled), and the stop check, an all-reduce on the gloo
+group every STOP_CHECK_EVERY steps. Each is called
 --calls times back to back; the table gives microseconds of host time per call and per step, and the
 sum. Host time only: on a GPU what is launched runs later, and the step's wall clock is the host's
 where the step is host-bound.
@@ -18,8 +19,8 @@ where the step is host-bound.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
@@ -55,8 +56,6 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA where present) | cpu | cuda")
     p.add_argument("--calls", type=int, default=2000, help="calls of each item (the stop check: a tenth)")
     a = p.parse_args()
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29563")
 
     import torch
 
@@ -68,6 +67,7 @@ def main() -> None:
 
     perf.keep_heap(True)  # as the trainer
     d = distributed.setup(a.device)
+    watchdog = None
     try:
         cfg = config.build(REPO / "configs" / "default.yaml")
         device, per_rank = d.device, cfg.train.batch_size // 2
@@ -85,6 +85,8 @@ def main() -> None:
         ranks = perf.make_rank_stats(True, model, device, d.world_size, lambda m: None)
         scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 and fp32 runs: disabled
         stop = StopRequest(announce=False)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a timeout's SIGTERM (gpu_check.sh --gap) ends this bench
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
         def rank_stats() -> None:
             ranks._on_grad(last)  # the post-accumulate-grad hook's body, as autograd calls it for the last grad
@@ -117,8 +119,9 @@ def main() -> None:
             total += step_us
             print(f"{name:<44} {us:>8.2f} {step_us:>8.2f}" + ("" if every else "  (not counted)"))
         print(f"{'in all, per step':<44} {'':>8} {total:>8.1f}")
-        watchdog.stop()
     finally:
+        if watchdog is not None:
+            watchdog.stop()
         distributed.cleanup()
 
 
