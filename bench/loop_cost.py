@@ -19,7 +19,6 @@ where the step is host-bound.
 from __future__ import annotations
 
 import argparse
-import platform
 import signal
 import sys
 import time
@@ -28,6 +27,7 @@ from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "docs"))
 
 
 def per_call_us(fn: Callable[[], object], calls: int, sync: Callable[[], None]) -> float:
@@ -42,15 +42,6 @@ def per_call_us(fn: Callable[[], object], calls: int, sync: Callable[[], None]) 
     return seconds / calls * 1e6
 
 
-def cpu_model() -> str:
-    """lscpu's "Model name" (from /proc/cpuinfo on Linux), else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="auto", help="auto (CUDA where present) | cpu | cuda")
@@ -63,6 +54,7 @@ def main() -> None:
     from cnn.distributed import StopRequest
     from cnn.model import CNN
     from data.sharding import batch_indices, seed_step, step_seed
+    from make_transcripts import cpu_line  # lscpu's model and the flags that decide bf16
     from train_ddp import STOP_CHECK_EVERY
 
     perf.keep_heap(True)  # as the trainer
@@ -70,7 +62,7 @@ def main() -> None:
     watchdog = None
     try:
         cfg = config.build(REPO / "configs" / "default.yaml")
-        device, per_rank = d.device, cfg.train.batch_size // 2
+        device, per_rank = d.device, cfg.train.batch_size // 2  # one rank's batch of the default 2-rank run
         sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         model = CNN(cfg.model.dropout).to(device)
         last = list(model.parameters())[0]
@@ -108,7 +100,7 @@ def main() -> None:
             (f"stop.agreed (every {STOP_CHECK_EVERY} steps)", lambda: stop.agreed(d.cpu_group), STOP_CHECK_EVERY),
             ("batch slicing (the bare loop has it too)", batch, 0),
         ]
-        where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_line()
         print(f"{device.type} ({where}), torch {torch.__version__}, {a.calls} calls each, host time")
         print(f"{'item':<44} {'us/call':>8} {'us/step':>8}")
         total = 0.0
